@@ -1,0 +1,30 @@
+# The two commands of the README. Both create .venv when it is missing and are safe to run again.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install test demo lint bench clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev,dmcvb]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# pytest exits 5 when it collects no test; that is reported, not treated as a crash.
+test: $(STAMP)
+	MUJOCO_GL=$${MUJOCO_GL:-egl} $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+demo: $(STAMP)
+	$(PY) VRNN/collect_dmc.py --env cheetah-run --episodes 4 --eval-episodes 2 --episode-length 100 \
+		--policy ou --seed 0 --out data/cheetah-run-demo
+	$(PY) VRNN/collect_dmc.py verify data/cheetah-run-demo/train.h5
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,248 @@
+"""`AIMEConfig`: every hyperparameter of the AIME world model and its trainer, in one frozen dataclass.
+
+Config flows one way: class defaults (the paper's sizes) -> a named preset -> command-line overrides ->
+saved as ``config.json`` in the run directory and inside every checkpoint. Nothing rewrites a config
+after launch; ``replace`` returns a new one.
+
+Presets
+-------
+``paper``  the sizes of the public keyword defaults of ``DPGMMVariationalRecurrentAutoencoder``
+           (hidden 512, latent 36, K = 15, Perceiver 128 latents x 256 channels, codebook 1024x256),
+           batch 8, sequence length 16. Meant for one GPU.
+``cpu``    small enough that training makes visible progress on two CPU cores within half an hour.
+``smoke``  tiny: a training step takes well under a second; used by the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AIMEConfig", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class AIMEConfig:
+    # ----------------------------------------------------------------------------------------------
+    # Data and environment
+    env: str = "cheetah-run"
+    image_size: int = 64                 # frames are image_size x image_size RGB; the model is built for 64
+    action_repeat: int = 2               # physics steps per agent step (DMC convention)
+    episode_length: int = 500            # agent steps per collected episode
+    train_episodes: int = 50
+    eval_episodes: int = 10
+    policy: str = "ou"                   # behaviour policy for collection: random | ou | sine
+    augment: bool = False                # frame-consistent random shift of whole windows
+
+    # ----------------------------------------------------------------------------------------------
+    # Model sizes (names follow the public keyword arguments of the model)
+    max_components: int = 15             # K, truncation level of the stick-breaking mixture
+    input_dim: int = 64                  # expected frame side in pixels
+    latent_dim: int = 36                 # D
+    hidden_dim: int = 512                # H, LSTM state size
+    context_dim: int = 256               # C, Perceiver context size
+    attention_dim: int = 64              # size of the attention state s_t
+    action_dim: int = 6                  # A; overridden by the environment's action spec
+    sequence_length: int = 16            # T of training windows
+    lstm_layers: int = 1
+    encoder_channels: int = 64           # base width of the NVAE encoder (doubles at each downsampling)
+    decoder_channels: int = 64           # base width of the NVAE decoder
+    use_spectral_norm: bool = False
+    use_squeeze_excitation: bool = True
+
+    # Likelihood p(x_t | z_t, h_t, A_t)
+    likelihood: str = "mdl"              # "mdl" (discretised logistic mixture) | "gaussian"
+    num_mixtures: int = 10               # logistic components per pixel (PixelCNN++ uses 10)
+
+    # DPGMM prior
+    prior_alpha_a0: float = 1.0          # Gamma(a0, b0) hyperprior on the concentration (shape, rate)
+    prior_alpha_b0: float = 1.0
+    kl_samples: int = 8                  # Monte Carlo samples for KL_z
+    alpha_samples: int = 4               # samples of alpha for E_q(alpha) KL(Kuma || Beta(1, alpha))
+    taylor_terms: int = 10               # M, Taylor terms of the Kumaraswamy-Beta KL (Nalisnick & Smyth)
+    random_stick_order: bool = False
+
+    # Perceiver IO context encoder (perceiver_io.PerceiverIOConfig is built from these)
+    img_perceiver_channels: int = 64     # tokenizer conv width
+    num_latent_perceiver: int = 128      # learned latents per frame
+    num_latent_channels_perceiver: int = 256
+    num_codebook_perceiver: int = 1024   # VQ codebook size
+    perceiver_code_dim: int = 256        # VQ code dimension
+    perceiver_num_heads: int = 4
+    perceiver_self_attn_layers: int = 2
+    perceiver_temporal_layers: int = 2
+    perceiver_max_seq_len: int = 64      # longest sequence the causal temporal transformer accepts
+
+    # Attention schema
+    attention_resolution: int = 16       # R, attention maps are R x R
+    num_slots: int = 4                   # S
+    slot_iterations: int = 3
+    slot_dim: int = 64
+
+    # Temporal discriminator
+    img_disc_layers: int = 4             # spatial-temporal attention blocks
+    disc_num_heads: int = 4
+    disc_channels: int = 64
+    disc_loss: str = "hinge"             # "hinge" | "wgan-gp"
+    gp_weight: float = 10.0              # WGAN-GP gradient-penalty weight
+    n_critic: int = 1                    # discriminator steps per generator step
+    adversarial_warmup_steps: int = 1000
+    feature_matching_weight: float = 1.0
+
+    # ----------------------------------------------------------------------------------------------
+    # Loss weights (MODEL.md section 3); each is applied exactly once
+    beta: float = 1.0                    # final KL weight after warm-up
+    beta_warmup_steps: int = 1000
+    entropy_weight: float = 0.6
+    lambda_recon: float = 1.0
+    lambda_att_dyn: float = 0.1
+    lambda_div: float = 0.1
+    lambda_gram: float = 0.05
+    ema_decay: float = 0.995
+
+    # ----------------------------------------------------------------------------------------------
+    # Optimisation (MODEL.md section 5)
+    batch_size: int = 8
+    learning_rate: float = 2e-4
+    disc_learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    adam_betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_steps: int = 500              # linear learning-rate warm-up, then cosine decay to max_steps
+    min_lr_ratio: float = 0.1            # cosine floor as a fraction of the peak learning rate
+    max_steps: int = 100_000
+    aggregator: str = "rgb"              # "rgb" | "sum" | "pcgrad"
+    rgb_mu: float = 0.9
+    rgb_lambda: float = 1.0
+    rgb_alpha_steps: int = 3
+    rgb_inner_lr: float = 0.2
+    rgb_scale: str = "norm"              # "norm" | "unit"
+    max_nonfinite_steps: int = 5         # stop after this many non-finite steps in a row
+    amp: bool = False                    # bf16 autocast (CUDA only)
+    num_workers: int = 0
+
+    # ----------------------------------------------------------------------------------------------
+    # Logging, evaluation, checkpoints
+    log_every: int = 50
+    eval_every: int = 2000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3            # numbered checkpoints kept beside latest.pt and best.pt
+    eval_windows: int = 64               # held-out windows per evaluation
+    eval_context_frames: int = 5         # T0: observed frames before open-loop prediction
+    eval_horizon: int = 10               # F: imagined frames
+    seed: int = 0
+
+    # ----------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        _check(self.likelihood in ("mdl", "gaussian"), "likelihood", self.likelihood, "'mdl' or 'gaussian'")
+        _check(self.disc_loss in ("hinge", "wgan-gp"), "disc_loss", self.disc_loss, "'hinge' or 'wgan-gp'")
+        _check(self.aggregator in ("rgb", "sum", "pcgrad"), "aggregator", self.aggregator,
+               "'rgb', 'sum' or 'pcgrad'")
+        _check(self.rgb_scale in ("norm", "unit"), "rgb_scale", self.rgb_scale, "'norm' or 'unit'")
+        _check(self.policy in ("random", "ou", "sine"), "policy", self.policy, "'random', 'ou' or 'sine'")
+        _check(self.max_components >= 2, "max_components", self.max_components, "at least 2")
+        _check(self.image_size % 16 == 0, "image_size", self.image_size, "a multiple of 16")
+        _check(self.sequence_length >= 2, "sequence_length", self.sequence_length, "at least 2")
+        _check(self.sequence_length <= self.perceiver_max_seq_len, "sequence_length",
+               self.sequence_length, f"at most perceiver_max_seq_len={self.perceiver_max_seq_len}")
+        for name in ("latent_dim", "hidden_dim", "context_dim", "attention_dim", "action_dim", "batch_size",
+                     "num_slots", "attention_resolution", "kl_samples", "taylor_terms", "n_critic"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "a positive integer")
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number")
+        _check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in [0, 1)")
+        if isinstance(self.adam_betas, list):  # JSON gives lists; keep the dataclass hashable
+            object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "AIMEConfig":
+        """The named preset (``paper``, ``cpu`` or ``smoke``) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "AIMEConfig":
+        """Build from a mapping; an unknown key is a ``ValueError`` that names it and close matches."""
+        known = set(cls.field_names())
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(f"unknown AIMEConfig field {key!r}{hint}")
+        return cls(**values)
+
+    def replace(self, **overrides: Any) -> "AIMEConfig":
+        """A copy with some fields changed (validated like ``from_dict``)."""
+        return self.from_dict({**self.to_dict(), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> "AIMEConfig":
+        """From a JSON string or the path of a JSON file."""
+        text = Path(source).read_text() if _looks_like_path(source) else str(source)
+        return cls.from_dict(json.loads(text))
+
+    def diff(self, other: "AIMEConfig") -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: ``{name: (self_value, other_value)}``."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def _looks_like_path(source: str | Path) -> bool:
+    return isinstance(source, Path) or not str(source).lstrip().startswith("{")
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"AIMEConfig.{name}={value!r} is invalid: expected {expected}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The sizes of the public keyword defaults; one GPU.
+    "paper": {},
+    # Two CPU cores, visible progress within half an hour.
+    "cpu": dict(
+        max_components=8, latent_dim=16, hidden_dim=128, context_dim=64, attention_dim=32,
+        sequence_length=8, encoder_channels=16, decoder_channels=16, num_mixtures=5,
+        img_perceiver_channels=16, num_latent_perceiver=16, num_latent_channels_perceiver=64,
+        num_codebook_perceiver=128, perceiver_code_dim=32, perceiver_num_heads=2,
+        perceiver_self_attn_layers=1, perceiver_temporal_layers=1, perceiver_max_seq_len=32,
+        attention_resolution=16, num_slots=3, slot_dim=32, img_disc_layers=1, disc_num_heads=2,
+        disc_channels=16, kl_samples=4, alpha_samples=2, batch_size=8, learning_rate=5e-4,
+        warmup_steps=100, beta_warmup_steps=300, adversarial_warmup_steps=500, max_steps=3000,
+        train_episodes=20, eval_episodes=4, episode_length=200, log_every=10, eval_every=500,
+        checkpoint_every=250, eval_windows=16, eval_context_frames=4, eval_horizon=8,
+    ),
+    # Seconds: used by the test suite.
+    "smoke": dict(
+        max_components=4, latent_dim=4, hidden_dim=16, context_dim=8, attention_dim=8,
+        sequence_length=4, encoder_channels=4, decoder_channels=4, num_mixtures=2,
+        use_squeeze_excitation=False, img_perceiver_channels=4, num_latent_perceiver=4,
+        num_latent_channels_perceiver=8, num_codebook_perceiver=16, perceiver_code_dim=8,
+        perceiver_num_heads=1, perceiver_self_attn_layers=1, perceiver_temporal_layers=1,
+        perceiver_max_seq_len=16, attention_resolution=8, num_slots=2, slot_iterations=2, slot_dim=8,
+        img_disc_layers=1, disc_num_heads=1, disc_channels=4, kl_samples=2, alpha_samples=1,
+        taylor_terms=5, batch_size=2, warmup_steps=2, beta_warmup_steps=2, adversarial_warmup_steps=2,
+        max_steps=4, train_episodes=2, eval_episodes=1, episode_length=20, log_every=1, eval_every=4,
+        checkpoint_every=2, keep_checkpoints=2, eval_windows=2, eval_context_frames=2, eval_horizon=2,
+    ),
+}

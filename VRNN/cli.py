@@ -1,0 +1,112 @@
+"""The one argument parser every script shares.
+
+Defaults come from the chosen preset: ``--preset`` is read first, then the full parser is built with that
+preset's values as defaults, so ``--help`` shows the numbers that will actually be used. A misspelt flag
+is an error (argparse's ``allow_abbrev`` is off so that a prefix is not silently taken for a flag).
+
+Usage in a script::
+
+    parser = build_parser("Train AIME on DMC pixels.", argv)
+    add_training_flags(parser)           # only the flags this script needs
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from VRNN.aime_config import PRESETS, AIMEConfig
+
+__all__ = ["build_parser", "add_training_flags", "config_from_args", "default_data_dir"]
+
+# Command-line flag -> AIMEConfig field. Flags not listed here are run options, not hyperparameters.
+CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--batch-size": ("batch_size", int, "sequences per optimiser step (global, split across ranks)"),
+    "--sequence-length": ("sequence_length", int, "frames per training window (T)"),
+    "--latent-dim": ("latent_dim", int, "size of z_t (D)"),
+    "--max-components": ("max_components", int, "truncation level K of the stick-breaking mixture"),
+    "--hidden-dim": ("hidden_dim", int, "LSTM state size (H)"),
+    "--learning-rate": ("learning_rate", float, "peak AdamW learning rate"),
+    "--aggregator": ("aggregator", str, "multi-task gradient aggregation: rgb | sum | pcgrad"),
+    "--likelihood": ("likelihood", str, "pixel likelihood: mdl (logistic mixture) | gaussian"),
+    "--episodes": ("train_episodes", int, "training episodes to collect when the dataset is missing"),
+    "--eval-episodes": ("eval_episodes", int, "held-out episodes to collect when the dataset is missing"),
+    "--episode-length": ("episode_length", int, "agent steps per collected episode"),
+    "--policy": ("policy", str, "behaviour policy for collection: random | ou | sine"),
+    "--action-repeat": ("action_repeat", int, "physics steps per agent step"),
+    "--eval-every": ("eval_every", int, "evaluate every N optimiser steps"),
+    "--checkpoint-every": ("checkpoint_every", int, "write a checkpoint every N optimiser steps"),
+    "--log-every": ("log_every", int, "append to metrics.jsonl every N optimiser steps"),
+    "--eval-windows": ("eval_windows", int, "held-out windows used per evaluation"),
+    "--beta": ("beta", float, "final KL weight after warm-up"),
+    "--seed": ("seed", int, "random seed (data order, initialisation, sampling)"),
+    "--max-steps": ("max_steps", int, "stop after this many optimiser steps"),
+}
+
+
+def _preset_from_argv(argv: Sequence[str] | None) -> str:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    return known.preset
+
+
+def build_parser(description: str, argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The common flags of all scripts, with defaults taken from the preset named in ``argv``."""
+    preset = _preset_from_argv(argv)
+    base = AIMEConfig.preset(preset)
+    parser = argparse.ArgumentParser(
+        description=description, allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--env", default=base.env,
+                        help="DMC task, any spelling: cheetah-run, cheetah_run, dmc_cheetah_run")
+    parser.add_argument("--preset", default=preset, choices=sorted(PRESETS),
+                        help="size preset; every other default below comes from it")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="dataset folder holding train.h5 and eval.h5 (default: data/<env>)")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="output folder (default: runs/<env>/<timestamp>)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="wall-clock budget for training in minutes (stops cleanly with a checkpoint)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to train; auto picks cuda when available")
+    for flag, (name, kind, help_text) in CONFIG_FLAGS.items():
+        parser.add_argument(flag, dest=name, type=kind, default=getattr(base, name), help=help_text)
+    return parser
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of the scripts that train the world model (main.py, training_vrnn.py)."""
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from <run-dir>/checkpoints/latest.pt when it exists")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="skip training; evaluate the checkpoint given by --load-checkpoint")
+    parser.add_argument("--load-checkpoint", type=Path, default=None,
+                        help="checkpoint to evaluate (with --eval-only) or to start from")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also log to TensorBoard (when the tensorboard package is installed)")
+    parser.add_argument("--visualize-attention", action="store_true",
+                        help="plot attention and slot maps at each evaluation")
+    parser.add_argument("--save-visualizations", action="store_true",
+                        help="keep the plots of every evaluation, not only the last (plots/step_<N>/)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, **extra: object) -> AIMEConfig:
+    """The preset with the command-line overrides applied (``extra`` wins over both)."""
+    overrides = {name: getattr(args, name) for name, _, _ in CONFIG_FLAGS.values()}
+    overrides["env"] = args.env
+    if getattr(args, "amp", False):
+        overrides["amp"] = True
+    overrides.update(extra)
+    return AIMEConfig.preset(args.preset, **overrides)
+
+
+def default_data_dir(env_name: str) -> Path:
+    """``data/<canonical env name>`` relative to the working directory."""
+    return Path("data") / env_name
