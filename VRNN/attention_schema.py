@@ -1,0 +1,365 @@
+"""The attention schema (MODEL.md section 2.4): where the model looks, bottom-up and top-down.
+
+Bottom-up (posterior, a function of x_t)
+    A small convolutional feature pyramid maps each frame to an R x R grid of features, computed once for
+    all B*T frames (``encode_features``; MODEL.md section 6). Per step, slot attention (Locatello et al.,
+    2020, "Object-Centric Learning with Slot Attention", Alg. 1: softmax over *slots*, weighted-mean update,
+    GRU, residual MLP) runs ``iterations`` rounds with S slots. The initial slots are not sampled: they come
+    from an MLP on [h_t; c_t], so the posterior is a deterministic function of its inputs and the recurrent
+    state tells the slots what to look for. The slot maps m_k are the last round's attention (softmax over
+    slots, so they sum to 1 over k at every position). Fusion weights w = softmax_k(head([slot_k; h_t]))
+    give A_t = sum_k w_k m_k, renormalised to a distribution over the R*R positions.
+    The attention state s_t = MLP([mean_k slot_k; centre of mass of A_t]) feeds the LSTM.
+
+Top-down (prior, a function of the past only)
+    p(A_t | A_{t-1}, h_t, z_{t-1}): convolutions over A_{t-1} (a 1-channel R x R image, rescaled so the
+    uniform map is 1 everywhere, with two coordinate channels so that the convs know where they are),
+    FiLM-modulated by an embedding of [h_t; z_{t-1}] broadcast over positions, give logits over R*R.
+    A motion head predicts the displacement (dx, dy) of the centre of mass from A_{t-1} to A_t.
+
+Coordinates
+    Positions are cell centres in normalised image coordinates: column i of R maps to x = (2i + 1)/R - 1,
+    row j to y = (2j + 1)/R - 1 (the ``align_corners=False`` convention of ``grid_sample``), so a centre
+    of mass lies in (-1, 1). ``center`` and ``motion`` are ordered (x, y) = (horizontal, vertical).
+
+Losses (all per example, shape [B]; the caller averages and weights them once)
+    ``attention_kl``   KL(Cat(A_t) || Cat(softmax(prior_logits))) in nats, zeros in A_t allowed (xlogy).
+    ``diversity``      mean over slot pairs k != l of <p_k, p_l>^2 with p_k the L2-normalised slot map;
+                       0 for disjoint maps, 1 for identical ones.
+    ``dynamics_loss``  SmoothL1(predicted motion, detached centre_t - centre_{t-1}), mean over (x, y).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["AttentionSchema", "SlotAttention", "upsample_map", "center_of_mass", "coordinate_grid"]
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+def coordinate_grid(resolution: int, device=None, dtype=None) -> Tensor:
+    """Cell-centre coordinates of an R x R grid in [-1, 1]: [R*R, 2] as (x, y), row-major positions."""
+    r = torch.arange(resolution, device=device, dtype=dtype if dtype is not None else torch.float32)
+    centres = (2.0 * r + 1.0) / resolution - 1.0
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)
+
+
+def center_of_mass(attention_map: Tensor) -> Tensor:
+    """Centre of mass of non-negative maps [B, R, R] -> [B, 2] as (x, y) in normalised coordinates.
+
+    The map is renormalised by its total mass first, so any non-negative map with positive mass works.
+    """
+    if attention_map.dim() != 3 or attention_map.shape[-1] != attention_map.shape[-2]:
+        raise ValueError(f"center_of_mass expects a map [B, R, R], got shape {tuple(attention_map.shape)}")
+    b, r, _ = attention_map.shape
+    flat = attention_map.reshape(b, r * r)
+    flat = flat / flat.sum(-1, keepdim=True).clamp_min(1e-12)
+    grid = coordinate_grid(r, device=flat.device, dtype=flat.dtype)
+    return flat @ grid
+
+
+_UPSAMPLE_MODES = ("density", "distribution")
+
+
+def upsample_map(attention_map: Tensor, size: int, mode: str = "density") -> Tensor:
+    """Bilinearly upsample attention maps [B, R, R] to [B, 1, size, size] for decoder conditioning.
+
+    ``mode="density"`` (default): the map relative to the uniform one, i.e. R*R*A upsampled, so a uniform
+    map is 1 everywhere and the result is a spatial modulation with mean 1 (bilinear interpolation with
+    ``align_corners=False`` preserves the mean when size is a multiple of R).
+    ``mode="distribution"``: the upsampled map renormalised to sum to 1 over the size x size positions.
+    """
+    if attention_map.dim() != 3 or attention_map.shape[-1] != attention_map.shape[-2]:
+        raise ValueError(f"upsample_map expects a map [B, R, R], got shape {tuple(attention_map.shape)}")
+    if mode not in _UPSAMPLE_MODES:
+        raise ValueError(f"upsample_map mode={mode!r} is invalid: expected one of {_UPSAMPLE_MODES}")
+    r = attention_map.shape[-1]
+    up = F.interpolate((attention_map * (r * r)).unsqueeze(1), size=(size, size), mode="bilinear",
+                       align_corners=False)
+    if mode == "distribution":
+        up = up / up.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return up
+
+
+class _MLP(nn.Sequential):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+
+
+class FeaturePyramid(nn.Module):
+    """Frames [N, 3, S, S] -> features [N, R*R, F].
+
+    A stride-2 conv stem, then stride-2 conv stages down to R x R. Every level from S/2 down to R is
+    projected to F channels (1x1) and average-pooled to R x R; the sum (a top-down-free FPN fusion) mixes
+    fine detail with coarse context. A learned linear map of the 4-d position code (x, y, 1-x, 1-y) is added
+    (Locatello et al.'s soft position embedding), then LayerNorm and a small MLP.
+    """
+
+    def __init__(self, image_size: int, resolution: int, out_dim: int, channels: int):
+        super().__init__()
+        ratio = image_size // resolution
+        if image_size % resolution != 0 or ratio < 2 or ratio & (ratio - 1):
+            raise ValueError(f"attention resolution={resolution} must divide image_size={image_size} by a "
+                             "power of two >= 2 (e.g. 8 or 16 for 64 x 64 frames)")
+        self.resolution = resolution
+        n_down = int(math.log2(ratio))
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), _group_norm(channels), nn.SiLU())
+        self.stages = nn.ModuleList()
+        widths = [channels]
+        for i in range(n_down - 1):
+            c_in, c_out = widths[-1], min(channels * 2 ** (i + 1), 4 * channels)
+            self.stages.append(nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), _group_norm(c_out), nn.SiLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1), _group_norm(c_out), nn.SiLU()))
+            widths.append(c_out)
+        self.laterals = nn.ModuleList(nn.Conv2d(w, out_dim, 1) for w in widths)
+        self.position = nn.Linear(4, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+        self.mlp = _MLP(out_dim, out_dim, out_dim)
+        grid = coordinate_grid(resolution)
+        self.register_buffer("position_code", torch.cat([grid, -grid], dim=-1) * 0.5 + 0.5, persistent=False)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        x = self.stem(frames)
+        fused = F.adaptive_avg_pool2d(self.laterals[0](x), self.resolution)
+        for stage, lateral in zip(self.stages, self.laterals[1:]):
+            x = stage(x)
+            fused = fused + F.adaptive_avg_pool2d(lateral(x), self.resolution)
+        feats = fused.flatten(2).transpose(1, 2) + self.position(self.position_code)
+        return self.mlp(self.norm(feats))
+
+
+class SlotAttention(nn.Module):
+    """Slot attention (Locatello et al. 2020, Algorithm 1) from given initial slots.
+
+    ``forward(inputs [B, N, F], slots [B, S, F]) -> (slots [B, S, F], attn [B, S, N])`` where ``attn`` is
+    the last round's attention, a softmax over the S slots (columns sum to 1).
+    """
+
+    def __init__(self, dim: int, iterations: int, hidden: Optional[int] = None, eps: float = 1e-8):
+        super().__init__()
+        if iterations < 1:
+            raise ValueError(f"slot attention iterations={iterations} is invalid: expected at least 1")
+        self.iterations = iterations
+        self.eps = eps
+        self.scale = dim ** -0.5
+        self.norm_inputs = nn.LayerNorm(dim)
+        self.norm_slots = nn.LayerNorm(dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.gru = nn.GRUCell(dim, dim)
+        self.mlp = _MLP(dim, hidden or 2 * dim, dim)
+
+    def forward(self, inputs: Tensor, slots: Tensor):
+        b, s, d = slots.shape
+        x = self.norm_inputs(inputs)
+        k, v = self.to_k(x), self.to_v(x)
+        attn = None
+        for _ in range(self.iterations):
+            previous = slots
+            q = self.to_q(self.norm_slots(slots))
+            logits = torch.einsum("bsd,bnd->bsn", q, k) * self.scale
+            attn = logits.softmax(dim=1)  # competition between slots for each input position
+            weights = (attn + self.eps) / (attn + self.eps).sum(dim=-1, keepdim=True)  # weighted mean
+            updates = torch.einsum("bsn,bnd->bsd", weights, v)
+            slots = self.gru(updates.reshape(b * s, d), previous.reshape(b * s, d)).reshape(b, s, d)
+            slots = slots + self.mlp(self.norm_mlp(slots))
+        return slots, attn
+
+
+class AttentionSchema(nn.Module):
+    """Bottom-up slot-attention posterior and top-down prior over R x R attention maps.
+
+    Args:
+        hidden_dim: H, size of the LSTM state h_t.
+        context_dim: C, size of the Perceiver context c_t.
+        latent_dim: D, size of z_t.
+        attention_dim: size of the attention state s_t.
+        resolution: R, side of the attention maps (R x R); ``image_size / R`` must be a power of two >= 2.
+        num_slots: S.
+        slot_dim: F, width of features and slots.
+        iterations: slot-attention rounds (3 in Locatello et al.).
+        image_size: side of the input frames (64).
+        feature_channels: base width of the feature pyramid (default ``slot_dim``).
+        prior_channels: width of the prior's convolutions (default ``slot_dim``).
+        max_motion: bound of the predicted displacement per axis (normalised units; 2 spans the image).
+    """
+
+    def __init__(self, hidden_dim: int, context_dim: int, latent_dim: int, attention_dim: int,
+                 resolution: int = 16, num_slots: int = 4, slot_dim: int = 64, iterations: int = 3,
+                 image_size: int = 64, feature_channels: Optional[int] = None,
+                 prior_channels: Optional[int] = None, max_motion: float = 2.0):
+        super().__init__()
+        for name, value in (("hidden_dim", hidden_dim), ("context_dim", context_dim), ("latent_dim", latent_dim),
+                            ("attention_dim", attention_dim), ("num_slots", num_slots), ("slot_dim", slot_dim)):
+            if value < 1:
+                raise ValueError(f"AttentionSchema {name}={value} is invalid: expected a positive integer")
+        self.hidden_dim, self.context_dim, self.latent_dim = hidden_dim, context_dim, latent_dim
+        self.attention_dim, self.resolution, self.num_slots = attention_dim, resolution, num_slots
+        self.slot_dim, self.image_size, self.max_motion = slot_dim, image_size, max_motion
+        self.num_positions = resolution * resolution
+
+        # Bottom-up posterior.
+        self.features = FeaturePyramid(image_size, resolution, slot_dim, feature_channels or slot_dim)
+        self.slot_seed = nn.Sequential(nn.Linear(hidden_dim + context_dim, 2 * slot_dim), nn.SiLU(),
+                                       nn.Linear(2 * slot_dim, num_slots * slot_dim))
+        self.slot_attention = SlotAttention(slot_dim, iterations)
+        self.fusion_head = _MLP(slot_dim + hidden_dim, slot_dim, 1)
+        self.state_head = nn.Sequential(nn.Linear(slot_dim + 2, 2 * attention_dim), nn.SiLU(),
+                                        nn.Linear(2 * attention_dim, attention_dim))
+
+        # Top-down prior.
+        pc = prior_channels or slot_dim
+        self.prior_in = nn.Conv2d(3, pc, 3, padding=1)
+        self.prior_film = _MLP(hidden_dim + latent_dim, pc, 2 * pc)
+        self.prior_body = nn.Sequential(nn.SiLU(), nn.Conv2d(pc, pc, 3, padding=1), _group_norm(pc), nn.SiLU(),
+                                        nn.Conv2d(pc, pc, 3, padding=1), nn.SiLU())
+        self.prior_logits = nn.Conv2d(pc, 1, 1)
+        self.motion_head = _MLP(pc + hidden_dim + latent_dim + 2, pc, 2)
+        grid = coordinate_grid(resolution)
+        self.register_buffer("grid", grid, persistent=False)                      # [R*R, 2]
+        self.register_buffer("grid_image", grid.t().reshape(1, 2, resolution, resolution), persistent=False)
+
+    # ------------------------------------------------------------------------------------------------
+    def initial_map(self, batch_size: int) -> Tensor:
+        """The uniform map [B, R, R] (each entry 1/R^2), the A_0 the prior sees at t = 1."""
+        r = self.resolution
+        return self.grid.new_full((batch_size, r, r), 1.0 / self.num_positions)
+
+    def encode_features(self, frames: Tensor) -> Tensor:
+        """Feature pyramid, batched over frames: [N, 3, 64, 64] in [-1, 1] -> [N, R*R, slot_dim]."""
+        s = self.image_size
+        if frames.dim() != 4 or tuple(frames.shape[1:]) != (3, s, s):
+            raise ValueError(f"encode_features expects frames [N, 3, {s}, {s}], got shape {tuple(frames.shape)}")
+        if not frames.is_floating_point():
+            raise ValueError(f"encode_features expects float frames in [-1, 1], got dtype {frames.dtype}")
+        return self.features(frames)
+
+    def encode_sequence(self, frames: Tensor) -> Tensor:
+        """Convenience: [B, T, 3, 64, 64] -> [B, T, R*R, slot_dim] with one batched pyramid pass."""
+        if frames.dim() != 5:
+            raise ValueError(f"encode_sequence expects frames [B, T, 3, H, W], got shape {tuple(frames.shape)}")
+        b, t = frames.shape[:2]
+        return self.encode_features(frames.reshape(b * t, *frames.shape[2:])).reshape(b, t, self.num_positions, -1)
+
+    # ------------------------------------------------------------------------------------------------
+    def posterior_step(self, feats: Tensor, h: Tensor, c: Tensor) -> Dict[str, Tensor]:
+        """Bottom-up attention at one step.
+
+        Args:
+            feats: [B, R*R, slot_dim] from ``encode_features`` for x_t.
+            h: [B, H] LSTM state h_t.  c: [B, C] context c_t.
+        Returns dict:
+            map [B, R, R] (A_t, >= 0, sums to 1 over positions), slot_maps [B, S, R, R] (sum to 1 over S),
+            slot_features [B, S, slot_dim], fusion_weights [B, S], center [B, 2] (x, y) in (-1, 1),
+            state [B, attention_dim] (s_t).
+        """
+        b = self._check_batch(feats, (self.num_positions, self.slot_dim), "feats", "[B, R*R, slot_dim]")
+        self._check_vector(h, b, self.hidden_dim, "h")
+        self._check_vector(c, b, self.context_dim, "c")
+        s, r = self.num_slots, self.resolution
+        slots = self.slot_seed(torch.cat([h, c], dim=-1)).reshape(b, s, self.slot_dim)
+        slots, attn = self.slot_attention(feats, slots)
+        fusion_logits = self.fusion_head(torch.cat([slots, h.unsqueeze(1).expand(b, s, -1)], dim=-1)).squeeze(-1)
+        weights = fusion_logits.softmax(dim=-1)
+        fused = torch.einsum("bs,bsn->bn", weights, attn)
+        fused = fused / fused.sum(dim=-1, keepdim=True)
+        center = fused @ self.grid
+        state = self.state_head(torch.cat([slots.mean(dim=1), center], dim=-1))
+        return dict(map=fused.reshape(b, r, r), slot_maps=attn.reshape(b, s, r, r), slot_features=slots,
+                    fusion_weights=weights, center=center, state=state)
+
+    def prior_step(self, prev_map: Tensor, h: Tensor, z_prev: Tensor) -> Dict[str, Tensor]:
+        """Top-down prediction p(A_t | A_{t-1}, h_t, z_{t-1}).
+
+        Args:
+            prev_map: [B, R, R] A_{t-1} (``initial_map`` at t = 1).  h: [B, H] h_t.  z_prev: [B, D] z_{t-1}.
+        Returns dict:
+            logits [B, R*R], map [B, R, R] (softmax of logits), motion [B, 2] predicted (dx, dy) of the
+            centre of mass from A_{t-1} to A_t, prev_center [B, 2] the centre of mass of A_{t-1}.
+        """
+        r = self.resolution
+        if prev_map.dim() != 3 or tuple(prev_map.shape[1:]) != (r, r):
+            raise ValueError(f"prior_step expects prev_map [B, {r}, {r}], got shape {tuple(prev_map.shape)}")
+        b = prev_map.shape[0]
+        self._check_vector(h, b, self.hidden_dim, "h")
+        self._check_vector(z_prev, b, self.latent_dim, "z_prev")
+        # R*R*A: the uniform map becomes all ones, whatever R is.
+        image = torch.cat([prev_map.unsqueeze(1) * self.num_positions, self.grid_image.expand(b, -1, -1, -1)], 1)
+        cond = torch.cat([h, z_prev], dim=-1)
+        gamma, beta = self.prior_film(cond).chunk(2, dim=-1)
+        x = self.prior_in(image) * (1.0 + gamma[..., None, None]) + beta[..., None, None]
+        x = self.prior_body(x)
+        logits = self.prior_logits(x).reshape(b, r * r)
+        prev_center = center_of_mass(prev_map)
+        motion = self.motion_head(torch.cat([x.mean(dim=(-2, -1)), cond, prev_center], dim=-1))
+        motion = self.max_motion * torch.tanh(motion / self.max_motion)
+        return dict(logits=logits, map=logits.softmax(dim=-1).reshape(b, r, r), motion=motion,
+                    prev_center=prev_center)
+
+    # ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def attention_kl(post_map: Tensor, prior_logits: Tensor) -> Tensor:
+        """KL(Cat(A_t) || Cat(softmax(prior_logits))) per example, in nats: [B, R, R] or [B, R*R] -> [B]."""
+        b = post_map.shape[0]
+        p = post_map.reshape(b, -1)
+        if prior_logits.dim() != 2 or prior_logits.shape != p.shape:
+            raise ValueError(f"attention_kl expects prior_logits [B, R*R] = {tuple(p.shape)}, "
+                             f"got {tuple(prior_logits.shape)}")
+        return (torch.xlogy(p, p) - p * prior_logits.log_softmax(dim=-1)).sum(dim=-1)
+
+    @staticmethod
+    def diversity(slot_maps: Tensor) -> Tensor:
+        """Mean over slot pairs k != l of <p_k, p_l>^2, p_k the L2-normalised flattened map: [B, S, R, R] -> [B].
+
+        0 when the slots attend to disjoint positions, 1 when they are identical; 0 for a single slot.
+        """
+        if slot_maps.dim() != 4:
+            raise ValueError(f"diversity expects slot_maps [B, S, R, R], got shape {tuple(slot_maps.shape)}")
+        b, s = slot_maps.shape[:2]
+        if s < 2:
+            return slot_maps.new_zeros(b)
+        p = F.normalize(slot_maps.reshape(b, s, -1), dim=-1)
+        gram = p @ p.transpose(1, 2)
+        off_diagonal = gram.pow(2).sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).pow(2).sum(dim=-1)
+        return off_diagonal / (s * (s - 1))
+
+    @staticmethod
+    def dynamics_loss(motion: Tensor, center_prev: Tensor, center: Tensor, beta: float = 0.1) -> Tensor:
+        """SmoothL1(motion, detach(center - center_prev)), mean over (x, y): [B, 2] x3 -> [B].
+
+        ``beta`` is the SmoothL1 transition point in normalised units (0.1 = 5 % of the image side), small
+        because typical per-step displacements are small.
+        """
+        if not (motion.shape == center_prev.shape == center.shape) or motion.dim() != 2 or motion.shape[-1] != 2:
+            raise ValueError("dynamics_loss expects motion, center_prev and center all [B, 2], got "
+                             f"{tuple(motion.shape)}, {tuple(center_prev.shape)}, {tuple(center.shape)}")
+        target = (center - center_prev).detach()
+        return F.smooth_l1_loss(motion, target, reduction="none", beta=beta).mean(dim=-1)
+
+    center_of_mass = staticmethod(center_of_mass)
+    upsample_map = staticmethod(upsample_map)
+
+    # ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_batch(x: Tensor, tail: tuple, name: str, expected: str) -> int:
+        if x.dim() != 1 + len(tail) or tuple(x.shape[1:]) != tuple(tail):
+            raise ValueError(f"{name} must be {expected} = [B, {', '.join(map(str, tail))}], "
+                             f"got shape {tuple(x.shape)}")
+        return x.shape[0]
+
+    @staticmethod
+    def _check_vector(x: Tensor, batch: int, dim: int, name: str) -> None:
+        if x.dim() != 2 or tuple(x.shape) != (batch, dim):
+            raise ValueError(f"{name} must be [B, {dim}] with B = {batch}, got shape {tuple(x.shape)}")

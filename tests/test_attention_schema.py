@@ -1,0 +1,169 @@
+"""Invariants of the attention schema (MODEL.md section 2.4): distributions, determinism, losses, gradients."""
+
+import pytest
+import torch
+
+from VRNN.attention_schema import AttentionSchema, center_of_mass, upsample_map
+
+H, C, D, A = 12, 6, 4, 8
+
+
+def make(resolution=8, slots=3, seed=0):
+    torch.manual_seed(seed)
+    return AttentionSchema(H, C, D, A, resolution=resolution, num_slots=slots, slot_dim=8, iterations=2)
+
+
+def inputs(b=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, 3, 64, 64, generator=g) * 2 - 1, torch.randn(b, H, generator=g),
+            torch.randn(b, C, generator=g), torch.randn(b, D, generator=g))
+
+
+@pytest.mark.parametrize("resolution", [8, 16])
+def test_shapes_and_distributions(resolution):
+    m = make(resolution)
+    x, h, c, z = inputs()
+    feats = m.encode_features(x)
+    assert feats.shape == (2, resolution * resolution, 8)
+    post = m.posterior_step(feats, h, c)
+    r = resolution
+    assert post["map"].shape == (2, r, r) and post["slot_maps"].shape == (2, 3, r, r)
+    assert post["slot_features"].shape == (2, 3, 8) and post["center"].shape == (2, 2)
+    assert post["state"].shape == (2, A)
+    torch.testing.assert_close(post["slot_maps"].sum(1), torch.ones(2, r, r))
+    assert (post["slot_maps"] >= 0).all() and (post["slot_maps"] <= 1).all()
+    assert (post["map"] >= 0).all()
+    torch.testing.assert_close(post["map"].sum((1, 2)), torch.ones(2))
+    assert (post["center"].abs() < 1).all()
+    prior = m.prior_step(m.initial_map(2), h, z)
+    assert prior["logits"].shape == (2, r * r) and prior["map"].shape == (2, r, r)
+    assert prior["motion"].shape == (2, 2)
+    torch.testing.assert_close(prior["map"].sum((1, 2)), torch.ones(2))
+    torch.testing.assert_close(m.initial_map(2).sum((1, 2)), torch.ones(2))
+    seq = m.encode_sequence(x.reshape(1, 2, 3, 64, 64))
+    torch.testing.assert_close(seq[0], feats)
+
+
+def test_posterior_is_deterministic():
+    m = make()
+    x, h, c, _ = inputs()
+    a = m.posterior_step(m.encode_features(x), h, c)
+    b = m.posterior_step(m.encode_features(x), h, c)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_posterior_uses_h_and_c():
+    m = make()
+    x, h, c, _ = inputs()
+    feats = m.encode_features(x)
+    base = m.posterior_step(feats, h, c)["map"]
+    assert not torch.allclose(base, m.posterior_step(feats, h + 1.0, c)["map"])
+    assert not torch.allclose(base, m.posterior_step(feats, h, c + 1.0)["map"])
+
+
+def test_attention_kl():
+    m = make()
+    x, h, c, z = inputs()
+    post = m.posterior_step(m.encode_features(x), h, c)["map"]
+    prior = m.prior_step(m.initial_map(2), h, z)["logits"]
+    kl = m.attention_kl(post, prior)
+    assert kl.shape == (2,) and (kl >= 0).all() and (kl > 1e-6).all()
+    torch.testing.assert_close(m.attention_kl(post, post.reshape(2, -1).log()), torch.zeros(2), atol=1e-6, rtol=0)
+    # Zeros in the posterior map are fine (xlogy), and a peaked map against a uniform prior gives log(R*R).
+    onehot = torch.zeros(2, 8, 8)
+    onehot[:, 3, 4] = 1.0
+    kl_onehot = m.attention_kl(onehot, torch.zeros(2, 64))
+    assert torch.isfinite(kl_onehot).all()
+    torch.testing.assert_close(kl_onehot, torch.full((2,), float(torch.log(torch.tensor(64.0)))))
+
+
+def test_diversity_bounds():
+    disjoint = torch.zeros(1, 2, 4, 4)
+    disjoint[0, 0, :2] = 1.0
+    disjoint[0, 1, 2:] = 1.0
+    torch.testing.assert_close(AttentionSchema.diversity(disjoint), torch.zeros(1))
+    same = torch.rand(1, 1, 4, 4).expand(1, 3, 4, 4)
+    torch.testing.assert_close(AttentionSchema.diversity(same), torch.ones(1))
+    mixed = torch.rand(5, 3, 4, 4)
+    d = AttentionSchema.diversity(mixed)
+    assert ((d >= 0) & (d <= 1 + 1e-6)).all()
+
+
+def test_center_of_mass_and_upsample():
+    m = torch.zeros(1, 4, 4)
+    m[0, 0, 3] = 1.0  # top-right cell: x = (2*3+1)/4 - 1, y = 1/4 - 1
+    torch.testing.assert_close(center_of_mass(m), torch.tensor([[0.75, -0.75]]))
+    uniform = torch.full((2, 8, 8), 1 / 64)
+    torch.testing.assert_close(center_of_mass(uniform), torch.zeros(2, 2))
+    up = upsample_map(uniform, 32)
+    assert up.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(up, torch.ones(2, 1, 32, 32))
+    rnd = torch.rand(2, 8, 8)
+    rnd = rnd / rnd.sum((1, 2), keepdim=True)
+    torch.testing.assert_close(upsample_map(rnd, 64).mean((1, 2, 3)), torch.ones(2))
+    torch.testing.assert_close(upsample_map(rnd, 64, mode="distribution").sum((1, 2, 3)), torch.ones(2))
+
+
+def test_dynamics_target_is_detached():
+    m = make()
+    x, h, c, z = inputs()
+    feats = m.encode_features(x)
+    post_prev = m.posterior_step(feats, h, c)
+    post = m.posterior_step(feats.flip(0), h, c)
+    prior = m.prior_step(post_prev["map"].detach(), h, z)
+    loss = m.dynamics_loss(prior["motion"], post_prev["center"], post["center"])
+    assert loss.shape == (2,) and (loss > 0).all()
+    loss.sum().backward()
+    posterior_params = list(m.features.parameters()) + list(m.slot_attention.parameters())
+    assert all(p.grad is None for p in posterior_params)
+    assert m.motion_head[0].weight.grad is not None and m.motion_head[0].weight.grad.abs().sum() > 0
+
+
+def test_gradient_paths():
+    m = make()
+    x, h, c, z = inputs()
+    post = m.posterior_step(m.encode_features(x), h, c)
+    prior = m.prior_step(m.initial_map(2), h, z)
+    kl = m.attention_kl(post["map"].detach(), prior["logits"]).sum()
+    kl.backward(retain_graph=True)
+    for p in (m.prior_in.weight, m.prior_film[0].weight, m.prior_logits.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.features.parameters())
+    m.zero_grad(set_to_none=True)
+    # The posterior map (through the KL) reaches the feature pyramid and the slot seeding MLP.
+    m.attention_kl(post["map"], prior["logits"].detach()).sum().backward()
+    assert m.features.stem[0].weight.grad.abs().sum() > 0
+    assert m.slot_seed[0].weight.grad.abs().sum() > 0
+    assert m.fusion_head[0].weight.grad.abs().sum() > 0
+
+
+def test_diversity_gradient_reaches_slot_attention():
+    m = make()
+    x, h, c, _ = inputs()
+    post = m.posterior_step(m.encode_features(x), h, c)
+    m.diversity(post["slot_maps"]).sum().backward()
+    assert m.slot_attention.to_q.weight.grad.abs().sum() > 0
+    assert m.features.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_bad_shapes_raise():
+    m = make()
+    x, h, c, z = inputs()
+    with pytest.raises(ValueError, match="frames"):
+        m.encode_features(torch.zeros(2, 3, 32, 32))
+    feats = m.encode_features(x)
+    with pytest.raises(ValueError, match="feats"):
+        m.posterior_step(feats[:, :10], h, c)
+    with pytest.raises(ValueError, match="h must be"):
+        m.posterior_step(feats, h[:, :3], c)
+    with pytest.raises(ValueError, match="c must be"):
+        m.posterior_step(feats, h, c[:1])
+    with pytest.raises(ValueError, match="prev_map"):
+        m.prior_step(torch.zeros(2, 4, 4), h, z)
+    with pytest.raises(ValueError, match="z_prev"):
+        m.prior_step(m.initial_map(2), h, z[:, :2])
+    with pytest.raises(ValueError, match="resolution"):
+        AttentionSchema(H, C, D, A, resolution=12)
+    with pytest.raises(ValueError, match="prior_logits"):
+        m.attention_kl(torch.rand(2, 8, 8), torch.rand(2, 10))
