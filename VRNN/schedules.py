@@ -1,0 +1,64 @@
+"""Training schedules of MODEL.md section 5: KL (beta) warm-up, learning-rate warm-up + cosine decay, and
+the adversarial warm-up factor.
+
+Every schedule is a pure function of the optimiser step (0-based: the value used BY step ``step``), so a
+resumed run reproduces them from the step counter alone. The learning-rate schedule is wrapped in a
+``torch.optim.lr_scheduler.LambdaLR`` whose multiplier is a picklable object (its state is plain numbers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["linear_warmup", "beta_at", "adversarial_weight_at", "WarmupCosine", "make_lr_scheduler"]
+
+
+def linear_warmup(step: int, warmup_steps: int) -> float:
+    """Factor in [0, 1]: ``(step + 1) / warmup_steps`` capped at 1; 1 when there is no warm-up."""
+    if step < 0:
+        raise ValueError(f"step={step} is invalid: expected a non-negative integer")
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def beta_at(step: int, beta: float, warmup_steps: int) -> float:
+    """KL weight used at ``step``: linear ramp to ``beta`` over ``warmup_steps`` (avoids posterior collapse)."""
+    return beta * linear_warmup(step, warmup_steps)
+
+
+def adversarial_weight_at(step: int, warmup_steps: int) -> float:
+    """Factor in [0, 1] that multiplies the generator's adversarial loss (the discriminator first learns)."""
+    return linear_warmup(step, warmup_steps)
+
+
+class WarmupCosine:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``max_steps``.
+
+    ``LambdaLR`` calls it with the number of scheduler steps taken so far, which equals the optimiser
+    step about to be taken. Past ``max_steps`` it stays at ``min_ratio``.
+    """
+
+    def __init__(self, warmup_steps: int, max_steps: int, min_ratio: float = 0.1) -> None:
+        if max_steps < 1:
+            raise ValueError(f"max_steps={max_steps} is invalid: expected a positive integer")
+        if not 0.0 <= min_ratio <= 1.0:
+            raise ValueError(f"min_ratio={min_ratio} is invalid: expected a value in [0, 1]")
+        self.warmup_steps = int(warmup_steps)
+        self.max_steps = int(max_steps)
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return linear_warmup(step, self.warmup_steps)
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,
+                      min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` applying ``WarmupCosine`` to every parameter group's own base learning rate."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, max_steps, min_ratio))

@@ -1,0 +1,91 @@
+"""When training should stop early: signals (SLURM preemption), a wall-clock budget, a stop file.
+
+SIGTERM, SIGINT and SIGUSR1 do not interrupt a step: the handler records the request and the trainer
+saves a checkpoint at the next step boundary, then returns normally (scripts exit with code 0 so that a
+SLURM ``--requeue`` job restarts and resumes; see ``VRNN/run_VRNN_minimum.sh``). A second SIGINT while a
+stop is pending raises ``KeyboardInterrupt`` (the usual way out of a hung process).
+
+The stop file exists for launchers whose signals do not reach the Python processes (``torchrun`` under
+``srun`` on several nodes): creating the file asks every rank to stop at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Optional
+
+__all__ = ["StopController", "STOP_SIGNALS"]
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+
+class StopController:
+    """Collects stop requests; ``reason()`` is ``None`` while training may go on.
+
+    Args:
+        minutes: wall-clock budget counted from ``start()``; ``None`` for no budget.
+        stop_file: path whose existence requests a stop; ``None`` for none.
+    """
+
+    def __init__(self, minutes: Optional[float] = None, stop_file: Optional[Path] = None) -> None:
+        if minutes is not None and minutes <= 0:
+            raise ValueError(f"minutes={minutes} is invalid: expected a positive budget")
+        self.minutes = minutes
+        self.stop_file = Path(stop_file) if stop_file is not None else None
+        self.signal_name: Optional[str] = None
+        self._deadline: Optional[float] = None
+        self._previous: dict[int, object] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> "StopController":
+        """Start the budget clock and install the signal handlers (main thread only)."""
+        if self.minutes is not None:
+            self._deadline = time.monotonic() + 60.0 * self.minutes
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        else:
+            logger.warning("not in the main thread: stop signals will not be caught")
+        return self
+
+    def close(self) -> None:
+        """Restore the previous signal handlers."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def __enter__(self) -> "StopController":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- queries ------------------------------------------------------------------------------------
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
+        self.signal_name = name
+        logger.warning("%s received: will save a checkpoint at the next step boundary and stop", name)
+
+    def reason(self) -> Optional[str]:
+        """``"signal:SIGTERM"``, ``"budget"``, ``"stop_file"`` or ``None``."""
+        if self.signal_name is not None:
+            return f"signal:{self.signal_name}"
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return "budget"
+        if self.stop_file is not None and self.stop_file.exists():
+            return "stop_file"
+        return None
+
+    def remaining_seconds(self) -> Optional[float]:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - time.monotonic())
