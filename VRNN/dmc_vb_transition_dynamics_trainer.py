@@ -1,0 +1,421 @@
+"""`DMCVBTrainer`: optimisation of the AIME world model (MODEL.md section 5, SYSTEM.md sections 4-6).
+
+One optimiser step:
+
+1. the step's batch (``ResumableBatchSampler``: data order is a function of (seed, batch position)) and
+   the step's random seed (a function of (seed, batch position, rank)), so a resumed run replays exactly;
+2. ``model.compute_total_loss`` with the scheduled beta and adversarial warm-up factor, and the EMA copy
+   for Gram anchoring;
+3. the four task losses go to the multi-task aggregator (RGB by default) over the generator parameters;
+   under data parallelism its [T, D] gradient matrix is averaged across ranks first;
+4. gradient clipping, AdamW step, learning-rate schedule;
+5. ``n_critic`` discriminator steps (own AdamW; gradients averaged across ranks);
+6. EMA update.
+
+A non-finite loss or gradient skips the step (counted; the run stops after ``max_nonfinite_steps`` in a
+row with ``NonFiniteTrainingError``). Rank 0 logs ``metrics.jsonl``, evaluates and writes checkpoints.
+SIGTERM / SIGINT / SIGUSR1, the ``--minutes`` budget and the stop file end training at the next step
+boundary with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from VRNN.aime_config import AIMEConfig
+from VRNN.ddp_utils import (DistContext, all_reduce_buffers, all_reduce_flag, all_reduce_gradients,
+                            all_reduce_mean_, barrier, broadcast_module, make_grad_reduce_hook)
+from VRNN.dmc_dataset import DMCVBDataset
+from VRNN.grad_diagnostics import TASK_LOSS_KEYS, GradDiagnostics
+from VRNN.metrics_log import MetricsLogger, to_jsonable
+from VRNN.resumable_sampler import ResumableBatchSampler
+from VRNN.schedules import adversarial_weight_at, beta_at, make_lr_scheduler
+from VRNN.stop_control import StopController
+from VRNN.training_checkpoints import CheckpointManager, all_finite, check_compatible
+from VRNN.vrnn_utilities import CheckpointError, get_rng_state, load_checkpoint, set_rng_state
+
+__all__ = ["DMCVBTrainer", "DMCVBDataset", "TrainResult", "NonFiniteTrainingError", "AGGREGATOR_KWARGS",
+           "step_seed"]
+
+logger = logging.getLogger(__name__)
+
+# Aggregator name -> its keyword arguments from the config (registry; the hook is added by the trainer).
+AGGREGATOR_KWARGS: dict[str, Callable[[AIMEConfig], dict[str, Any]]] = {
+    "rgb": lambda c: dict(mu=c.rgb_mu, lam=c.rgb_lambda, alpha_steps=c.rgb_alpha_steps,
+                          inner_lr=c.rgb_inner_lr, scale=c.rgb_scale),
+    "sum": lambda c: {},
+    "pcgrad": lambda c: dict(seed=c.seed),
+}
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced non-finite losses or gradients too many steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    """How ``train`` ended: ``reason`` is ``max_steps``, ``until``, ``budget``, ``stop_file`` or
+    ``signal:<NAME>``; ``evaluation`` is the last evaluation's metrics (``None`` if none ran)."""
+
+    step: int
+    reason: str
+    checkpoint: Optional[Path]
+    evaluation: Optional[dict[str, Any]]
+    nonfinite_steps: int
+
+    @property
+    def interrupted(self) -> bool:
+        return self.reason.startswith("signal") or self.reason == "stop_file"
+
+
+def step_seed(seed: int, position: int, rank: int) -> int:
+    """The global torch seed of the step that consumes batch ``position`` on ``rank`` (63-bit)."""
+    return int(np.random.SeedSequence([seed, position, rank]).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+class DMCVBTrainer:
+    """Owns optimisers, aggregator, discriminator steps, schedules, EMA, AMP, checkpoints, logs, evaluation.
+
+    Args:
+        model: a ``DPGMMVariationalRecurrentAutoencoder`` already on ``device`` (identical on all ranks
+            is enforced by a broadcast from rank 0).
+        train_data, eval_data: ``DMCVBDataset`` (or any dataset of the same item dicts).
+        config: the run's ``AIMEConfig``; its ``action_dim`` must equal the model's.
+        run_dir: output folder (``metrics.jsonl``, ``eval.json``, ``checkpoints/``, ``plots/``).
+        device: defaults to the model's device.
+        dist: this process's ``DistContext`` (single process when ``None``).
+        tensorboard: also log to ``<run_dir>/tensorboard`` when the package is installed.
+        progress: tqdm bar; ``None`` = only on rank 0 attached to a terminal.
+        minutes: wall-clock budget of ``train``; ``stop_file``: a path whose existence stops training.
+        visualize_attention, save_visualizations: passed to the evaluation plots.
+    """
+
+    def __init__(self, model: torch.nn.Module, train_data, eval_data, config: AIMEConfig, run_dir: str | Path,
+                 device: Optional[torch.device | str] = None, dist: Optional[DistContext] = None,
+                 tensorboard: bool = False, progress: Optional[bool] = None, minutes: Optional[float] = None,
+                 stop_file: Optional[Path] = None, visualize_attention: bool = False,
+                 save_visualizations: bool = False) -> None:
+        from multi_task_learning import get_aggregator
+        from VRNN.ema import ModelEMA
+
+        self.model = model
+        self.train_data, self.eval_data = train_data, eval_data
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dist = dist or DistContext(device=self.device)
+        self.minutes, self.stop_file = minutes, stop_file
+        self.visualize_attention, self.save_visualizations = visualize_attention, save_visualizations
+        self.action_dim = int(getattr(model, "action_dim", config.action_dim))
+        data_action = getattr(train_data, "action_dim", self.action_dim)
+        if data_action != self.action_dim:
+            raise ValueError(f"the dataset's action size is {data_action} but the model takes {self.action_dim}")
+        if config.aggregator not in AGGREGATOR_KWARGS:
+            raise ValueError(f"aggregator {config.aggregator!r} is unknown; expected one of {sorted(AGGREGATOR_KWARGS)}")
+
+        broadcast_module(self.model)  # identical initialisation on every rank
+        self.gen_params = [p for p in model.generator_parameters() if p.requires_grad]
+        self.disc_params = [p for p in model.discriminator_parameters() if p.requires_grad]
+        c = config
+        self.optimizer = torch.optim.AdamW(model.parameter_groups(c.learning_rate, c.weight_decay),
+                                           lr=c.learning_rate, betas=tuple(c.adam_betas),
+                                           weight_decay=c.weight_decay)
+        self.disc_optimizer = torch.optim.AdamW(self.disc_params, lr=c.disc_learning_rate,
+                                                betas=tuple(c.adam_betas), weight_decay=c.weight_decay)
+        self.scheduler = make_lr_scheduler(self.optimizer, c.warmup_steps, c.max_steps, c.min_lr_ratio)
+        self.disc_scheduler = make_lr_scheduler(self.disc_optimizer, c.warmup_steps, c.max_steps, c.min_lr_ratio)
+        self.aggregator = get_aggregator(c.aggregator, grad_reduce_hook=make_grad_reduce_hook(),
+                                         **AGGREGATOR_KWARGS[c.aggregator](c))
+        self.ema = ModelEMA(model, c.ema_decay)
+        self.grad_diag = GradDiagnostics()
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=c.keep_checkpoints)
+
+        self.step = 0             # optimiser steps taken
+        self.position = 0         # batches consumed (>= step: skipped non-finite steps consume a batch)
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.best_bits_per_dim = math.inf
+        self.last_checkpoint: Optional[Path] = None
+        self.last_evaluation: Optional[dict[str, Any]] = None
+        self._progress = progress
+        self._tensorboard = tensorboard
+        self._window: dict[str, list[float]] = {}
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (SYSTEM.md section 6)."""
+        return {
+            "config": self.config.to_dict(), "action_dim": self.action_dim,
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "disc_optimizer": self.disc_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "disc_scheduler": self.disc_scheduler.state_dict(),
+            "aggregator": self.aggregator.state_dict(),
+            "step": self.step, "position": self.position, "nonfinite_total": self.nonfinite_total,
+            "best_bits_per_dim": self.best_bits_per_dim, "world_size": self.dist.world_size,
+            "rng": get_rng_state(),
+        }
+
+    def save_checkpoint(self, best: bool = False) -> Optional[Path]:
+        """Write the checkpoint of the current step on rank 0; refuses (returns None) if the model or its
+        EMA holds a non-finite value, so a good checkpoint is never replaced by a broken one."""
+        path = None
+        if self.dist.is_main:
+            if not (all_finite(self.model.state_dict()) and all_finite(self.ema.module.state_dict())):
+                logger.error("step %d: the model holds non-finite values; checkpoint NOT written "
+                             "(the last good one is %s)", self.step, self.last_checkpoint)
+            else:
+                path = self.checkpoints.save(self.state_dict(), self.step, best=best)
+                self.last_checkpoint = path
+        barrier()
+        return path
+
+    def load_checkpoint(self, path: str | Path, training_state: bool = True) -> dict[str, Any]:
+        """Load a checkpoint of this config and action size (``CheckpointError`` naming the differing
+        fields otherwise). ``training_state=False`` loads only the model and EMA weights (warm start)."""
+        payload = load_checkpoint(path, map_location=self.device)
+        check_compatible(payload, self.config, self.action_dim, source=f"checkpoint {path}")
+        self.model.load_state_dict(payload["model"])
+        if payload.get("ema") is not None:
+            self.ema.load_state_dict(payload["ema"])
+        if training_state:
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.disc_optimizer.load_state_dict(payload["disc_optimizer"])
+            self.scheduler.load_state_dict(payload["scheduler"])
+            self.disc_scheduler.load_state_dict(payload["disc_scheduler"])
+            self.aggregator.load_state_dict(payload["aggregator"])
+            self.step, self.position = int(payload["step"]), int(payload["position"])
+            self.nonfinite_total = int(payload.get("nonfinite_total", 0))
+            self.best_bits_per_dim = float(payload.get("best_bits_per_dim", math.inf))
+            set_rng_state(payload["rng"])
+            self.last_checkpoint = Path(path)
+            if payload.get("world_size", 1) != self.dist.world_size:
+                logger.warning("checkpoint was written by %d processes, resuming on %d: the data order "
+                               "continues but per-rank sampling noise differs", payload.get("world_size", 1),
+                               self.dist.world_size)
+        logger.info("loaded %s (step %d)", path, int(payload.get("step", 0)))
+        return payload
+
+    # ----------------------------------------------------------------------------------------------
+    # One step
+    def _autocast(self):
+        if self.config.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _loader(self) -> DataLoader:
+        sampler = ResumableBatchSampler(len(self.train_data), self.config.batch_size, self.config.seed,
+                                        self.dist.rank, self.dist.world_size, start=self.position)
+        # A private generator: the loader must not draw from the global RNG (exact resume).
+        return DataLoader(self.train_data, batch_sampler=sampler, num_workers=self.config.num_workers,
+                          pin_memory=self.device.type == "cuda", generator=torch.Generator())
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> Optional[dict[str, float]]:
+        """One generator + discriminator update on this rank's share of a batch ([B_local, T, ...]).
+
+        Returns the step's scalars, or ``None`` when the step was skipped as non-finite.
+        """
+        c = self.config
+        torch.manual_seed(step_seed(c.seed, self.position, self.dist.rank))
+        self.position += 1
+        obs = batch["observations"].to(self.device, non_blocking=True)
+        actions = batch["actions"].to(self.device, non_blocking=True)
+        beta = beta_at(self.step, c.beta, c.beta_warmup_steps)
+        adv = adversarial_weight_at(self.step, c.adversarial_warmup_steps)
+        self.model.train()
+        t0 = time.perf_counter()
+        with self._autocast():
+            losses, outputs = self.model.compute_total_loss(
+                obs, actions, beta=beta, entropy_weight=c.entropy_weight, lambda_recon=c.lambda_recon,
+                lambda_att_dyn=c.lambda_att_dyn, lambda_gram=c.lambda_gram, adversarial_weight=adv,
+                ema_model=self.ema.module if c.lambda_gram > 0 else None)
+        task = {k: losses[k].float() for k in TASK_LOSS_KEYS}
+        bad = [k for k, v in task.items() if not bool(torch.isfinite(v))]
+        if not all_reduce_flag(not bad, "all"):
+            return self._skip(f"non-finite loss ({', '.join(f'{k}={task[k].item()}' for k in bad) or 'on another rank'})")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            diag = self.aggregator.backward(task, self.gen_params)
+        except ValueError as exc:
+            if "non-finite" not in str(exc):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip(f"non-finite gradient ({exc})")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.gen_params, c.grad_clip))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip(f"non-finite gradient norm ({grad_norm})")
+        self.optimizer.step()
+        self.scheduler.step()
+
+        disc_scalars: dict[str, float] = {}
+        for _ in range(c.n_critic):
+            with self._autocast():
+                d = self.model.discriminator_loss(obs, outputs)
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            d["disc_loss"].float().backward()
+            all_reduce_gradients(self.disc_params)
+            disc_norm = float(torch.nn.utils.clip_grad_norm_(self.disc_params, c.grad_clip))
+            if math.isfinite(disc_norm):
+                self.disc_optimizer.step()
+            else:
+                logger.warning("step %d: non-finite discriminator gradient; discriminator step skipped", self.step)
+            disc_scalars = {f"disc/{k}": float(v) for k, v in d.items()
+                            if isinstance(v, torch.Tensor) and v.numel() == 1}
+            disc_scalars["disc/grad_norm"] = disc_norm
+        self.disc_scheduler.step()
+        all_reduce_buffers(self.model)
+        self.ema.update(self.model)
+        self.step += 1
+        self.nonfinite_in_row = 0
+
+        self.grad_diag.update_from_rgb(self.step, diag)
+        scalars = {k: float(v) for k, v in losses.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        scalars.update(disc_scalars)
+        scalars.update({"beta": beta, "adversarial_weight": adv, "grad_norm": grad_norm,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "disc_lr": self.disc_optimizer.param_groups[0]["lr"],
+                        "step_time_s": time.perf_counter() - t0})
+        return scalars
+
+    def _skip(self, why: str) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        logger.warning("step %d skipped: %s [%d in a row, %d in total]", self.step, why,
+                       self.nonfinite_in_row, self.nonfinite_total)
+        if self.nonfinite_in_row >= self.config.max_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"training stopped at step {self.step}: {self.nonfinite_in_row} non-finite steps in a row "
+                f"(max_nonfinite_steps={self.config.max_nonfinite_steps}); last: {why}. The last good "
+                f"checkpoint is {self.last_checkpoint or 'none (nothing was saved yet)'} and was not "
+                "overwritten. Try a lower --learning-rate or check the data.")
+        return None
+
+    # ----------------------------------------------------------------------------------------------
+    # Logging and evaluation
+    def _accumulate(self, scalars: dict[str, float]) -> None:
+        for k, v in scalars.items():
+            self._window.setdefault(k, []).append(v)
+
+    def _log(self, metrics: MetricsLogger, started: float, steps_done: int) -> dict[str, Any]:
+        keys = sorted(self._window)
+        means = torch.tensor([float(np.mean(self._window[k])) for k in keys], dtype=torch.float64)
+        all_reduce_mean_(means)  # losses averaged over ranks (every rank logs the same step)
+        row: dict[str, Any] = {"step": self.step}
+        row.update({k: float(v) for k, v in zip(keys, means)})
+        row.update(self.grad_diag.log_dict(self.step))
+        elapsed = time.perf_counter() - started
+        row.update({"steps_per_s": steps_done / elapsed if elapsed > 0 else 0.0,
+                    "nonfinite_steps": self.nonfinite_total, "position": self.position,
+                    "epoch": self.position // max(1, len(self.train_data) // self.config.batch_size),
+                    "time": time.time()})
+        self._window.clear()
+        metrics.log(row)
+        return row
+
+    def evaluate(self, write: bool = True) -> dict[str, Any]:
+        """Evaluate the EMA model on the held-out split (rank 0); writes ``eval.json`` and plots."""
+        from VRNN.evaluation import run_evaluation
+
+        result: dict[str, Any] = {}
+        if self.dist.is_main:
+            plots = self.run_dir / "plots"
+            if self.save_visualizations:
+                plots = plots / f"step_{self.step:08d}"
+            result = run_evaluation(self.ema.module, self.eval_data, self.config, step=self.step,
+                                    out_json=self.run_dir / "eval.json" if write else None,
+                                    plots_dir=plots if (self.visualize_attention or self.save_visualizations)
+                                    else None)
+            self.last_evaluation = result
+        barrier()
+        return result
+
+    # ----------------------------------------------------------------------------------------------
+    def train(self, until: Optional[int] = None) -> TrainResult:
+        """Train to ``config.max_steps`` (or to step ``until``), evaluating every ``eval_every`` steps and
+        at the end, checkpointing every ``checkpoint_every`` steps, at each evaluation and on any stop.
+
+        Raises ``NonFiniteTrainingError`` after ``max_nonfinite_steps`` non-finite steps in a row.
+        """
+        c = self.config
+        target = c.max_steps if until is None else min(until, c.max_steps)
+        if self.dist.is_main and self.stop_file is not None:
+            Path(self.stop_file).unlink(missing_ok=True)
+        barrier()
+        metrics = MetricsLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=self._tensorboard,
+                                resume_step=self.step)
+        show = self._progress if self._progress is not None else (self.dist.is_main and sys.stderr.isatty())
+        bar = tqdm(total=target, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not show)
+        stop = StopController(self.minutes, self.stop_file).start()
+        reason, started, steps_done = "max_steps" if until is None or until >= c.max_steps else "until", \
+            time.perf_counter(), 0
+        evaluated_at = -1
+        try:
+            batches = iter(self._loader())
+            while self.step < target:
+                asked = stop.reason()
+                if all_reduce_flag(asked is not None, "any"):
+                    reason = asked or "peer_stop"
+                    break
+                scalars = self.train_step(next(batches))
+                if scalars is None:
+                    continue
+                steps_done += 1
+                self._accumulate(scalars)
+                bar.update(1)
+                bar.set_postfix(loss=f"{scalars['total_vae_loss']:.4f}", K_eff=f"{scalars.get('K_eff', float('nan')):.2f}")
+                if self.step % c.log_every == 0 or self.step == target:
+                    self._log(metrics, started, steps_done)
+                if self.step % c.eval_every == 0:
+                    self._evaluate_and_checkpoint()
+                    evaluated_at = self.step
+                elif self.step % c.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            stop.close()
+            bar.close()
+            metrics.close()
+        if self._window:
+            metrics = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
+            self._log(metrics, started, max(1, steps_done))
+        if reason in ("max_steps", "until", "budget") and evaluated_at != self.step:
+            self._evaluate_and_checkpoint()
+        elif evaluated_at != self.step:
+            self.save_checkpoint()
+        logger.info("training ended at step %d (%s)", self.step, reason)
+        return TrainResult(self.step, reason, self.last_checkpoint, self.last_evaluation, self.nonfinite_total)
+
+    def _evaluate_and_checkpoint(self) -> None:
+        result = self.evaluate()
+        best = False
+        if self.dist.is_main:
+            bpd = _bits_per_dim(result)
+            if bpd is not None and bpd < self.best_bits_per_dim:
+                self.best_bits_per_dim, best = bpd, True
+        self.save_checkpoint(best=best or not (self.checkpoints.dir / "best.pt").exists())
+
+
+def _bits_per_dim(result: dict[str, Any]) -> Optional[float]:
+    value = result.get("bits_per_dim")
+    if isinstance(value, dict):
+        value = value.get("model", value.get("mean"))
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
