@@ -1,0 +1,185 @@
+"""Pixel likelihoods p(x_t | decoder output), both discretised to the 256 levels of 8-bit images.
+
+Data live in [-1, 1]; level l in {0..255} is the value -1 + 2 l / 255, so a bin has width 2/255 and the
+edge bins extend to -inf and +inf. Both likelihoods therefore give a proper probability mass function
+over the 256^3 values of a pixel and their bits/dim are directly comparable.
+
+- ``"mdl"``: a discretised mixture of logistics with PixelCNN++ channel coupling (Salimans et al. 2017):
+  per pixel M components, each with means, log-scales and coupling coefficients c, where the green mean
+  is shifted by c_0 x_red and the blue mean by c_1 x_red + c_2 x_green.
+- ``"gaussian"``: a Gaussian per channel with the decoder's mean and a learned per-channel scale,
+  integrated over the same bins.
+
+Shapes: params [N, P, H, W] (P = ``num_params``), images [N, 3, H, W] in [-1, 1]; log-likelihoods are in
+nats, summed over pixels and channels ([N]) or per pixel ([N, H, W]).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DiscretizedLogisticMixture", "DiscretizedGaussian", "LIKELIHOODS", "build_likelihood",
+           "quantize"]
+
+_HALF_BIN = 1.0 / 255.0          # half the bin width 2/255
+_LOG_BIN = math.log(2.0 / 255.0)  # log bin width, for the density fallback
+_EDGE = 0.999                     # x below -_EDGE is the lowest level, above +_EDGE the highest
+
+
+def quantize(x: Tensor) -> Tensor:
+    """Round values in [-1, 1] to the nearest of the 256 levels (no gradient)."""
+    return torch.round((x.clamp(-1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    x = x.clamp(max=-1e-12)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+class DiscretizedLogisticMixture(nn.Module):
+    """PixelCNN++ discretised logistic mixture over RGB with M components; no parameters of its own."""
+
+    def __init__(self, num_mixtures: int = 10) -> None:
+        super().__init__()
+        if num_mixtures < 1:
+            raise ValueError(f"num_mixtures={num_mixtures} is invalid: expected a positive integer")
+        self.num_mixtures = num_mixtures
+
+    @property
+    def num_params(self) -> int:
+        return 10 * self.num_mixtures  # logits M + (means, log-scales, coefficients) 3 x 3M
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        n, p, h, w = params.shape
+        m = self.num_mixtures
+        if p != self.num_params:
+            raise ValueError(f"expected {self.num_params} parameter channels for {m} mixtures, got {p}")
+        logits = params[:, :m]                                        # [N, M, H, W]
+        rest = params[:, m:].reshape(n, 3, 3, m, h, w)                # [N, (mean, log_s, coeff), C, M, H, W]
+        means, log_scales = rest[:, 0], rest[:, 1].clamp(min=-7.0)    # [N, 3, M, H, W]
+        coeffs = torch.tanh(rest[:, 2])
+        return logits, means, log_scales, coeffs
+
+    @staticmethod
+    def _coupled_means(means: Tensor, coeffs: Tensor, x: Tensor) -> Tensor:
+        """Channel-coupled means given conditioning values x [N, 3, 1, H, W] (or per-component)."""
+        r = means[:, 0]
+        g = means[:, 1] + coeffs[:, 0] * x[:, 0]
+        b = means[:, 2] + coeffs[:, 1] * x[:, 0] + coeffs[:, 2] * x[:, 1]
+        return torch.stack([r, g, b], dim=1)
+
+    def log_prob_pixels(self, params: Tensor, x: Tensor) -> Tensor:
+        """log p(x) per pixel: params [N, 10M, H, W], x [N, 3, H, W] in [-1, 1] -> [N, H, W] nats."""
+        logits, means, log_scales, coeffs = self._split(params)
+        xe = x.unsqueeze(2)                                           # [N, 3, 1, H, W]
+        centered = xe - self._coupled_means(means, coeffs, xe)
+        inv_s = torch.exp(-log_scales)
+        plus_in = inv_s * (centered + _HALF_BIN)
+        min_in = inv_s * (centered - _HALF_BIN)
+        log_cdf_plus = plus_in - F.softplus(plus_in)                 # log sigmoid, lowest bin
+        log_one_minus_cdf_min = -F.softplus(min_in)                  # log(1 - sigmoid), highest bin
+        cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+        mid_in = inv_s * centered
+        log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in) + _LOG_BIN
+        # Interior bins: log of the CDF difference, or the density x width when the difference underflows.
+        interior = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid)
+        log_probs = torch.where(xe < -_EDGE, log_cdf_plus,
+                                torch.where(xe > _EDGE, log_one_minus_cdf_min, interior))
+        log_probs = log_probs.sum(1) + F.log_softmax(logits, dim=1)  # [N, M, H, W]
+        return torch.logsumexp(log_probs, dim=1)
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        """log p(x) per image: [N] nats."""
+        return self.log_prob_pixels(params, x).sum((-2, -1))
+
+    def mean(self, params: Tensor) -> Tensor:
+        """Differentiable mean image [N, 3, H, W] in [-1, 1]: each component's coupled logistic mean
+        (the green/blue shifts use that component's own red/green means), mixed by the weights, clipped."""
+        logits, means, _, coeffs = self._split(params)
+        comp = self._coupled_means(means, coeffs, means)              # [N, 3, M, H, W]
+        weights = F.softmax(logits, dim=1).unsqueeze(1)
+        return (comp * weights).sum(2).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A sample [N, 3, H, W] on the 256 levels."""
+        logits, means, log_scales, coeffs = self._split(params)
+        u = torch.rand(logits.shape, generator=generator, dtype=params.dtype, device=params.device)
+        gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-10)))
+        onehot = F.one_hot((logits + gumbel).argmax(1), self.num_mixtures).permute(0, 3, 1, 2).to(params.dtype)
+        pick = lambda t: (t * onehot.unsqueeze(1)).sum(2)  # noqa: E731  [N, 3, M, H, W] -> [N, 3, H, W]
+        mu, log_s, c = pick(means), pick(log_scales), pick(coeffs)
+        u = torch.rand(mu.shape, generator=generator, dtype=params.dtype, device=params.device)
+        u = u.clamp(1e-5, 1.0 - 1e-5)
+        noise = torch.exp(log_s) * (torch.log(u) - torch.log1p(-u))
+        r = (mu[:, 0] + noise[:, 0]).clamp(-1, 1)
+        g = (mu[:, 1] + c[:, 0] * r + noise[:, 1]).clamp(-1, 1)
+        b = (mu[:, 2] + c[:, 1] * r + c[:, 2] * g + noise[:, 2]).clamp(-1, 1)
+        return quantize(torch.stack([r, g, b], dim=1))
+
+
+class DiscretizedGaussian(nn.Module):
+    """Gaussian per channel with the decoder's mean and a learned per-channel log-scale, integrated
+    over the 256 bins (edge bins to +-inf)."""
+
+    def __init__(self, init_scale: float = 0.1, channels: int = 3) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.full((channels,), math.log(init_scale)))
+
+    @property
+    def num_params(self) -> int:
+        return self.log_scale.numel()
+
+    def _check(self, params: Tensor) -> None:
+        if params.shape[1] != self.num_params:
+            raise ValueError(f"expected {self.num_params} parameter channels (the means), got {params.shape[1]}")
+
+    def log_prob_pixels(self, params: Tensor, x: Tensor) -> Tensor:
+        """params [N, 3, H, W] (means), x [N, 3, H, W] in [-1, 1] -> [N, H, W] nats."""
+        self._check(params)
+        log_s = self.log_scale.clamp(min=-7.0).view(1, -1, 1, 1)
+        inv_s = torch.exp(-log_s)
+        upper = inv_s * (x - params + _HALF_BIN)
+        lower = inv_s * (x - params - _HALF_BIN)
+        # log(Phi(upper) - Phi(lower)), reflected to the lower tail where both are large (accuracy).
+        flip = (lower + upper) > 0
+        hi = torch.where(flip, -lower, upper)
+        lo = torch.where(flip, -upper, lower)
+        log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+        interior = log_hi + _log1mexp(log_lo - log_hi)
+        log_probs = torch.where(x < -_EDGE, torch.special.log_ndtr(upper),
+                                torch.where(x > _EDGE, torch.special.log_ndtr(-lower), interior))
+        return log_probs.sum(1)
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        return self.log_prob_pixels(params, x).sum((-2, -1))
+
+    def mean(self, params: Tensor) -> Tensor:
+        """The mean image [N, 3, H, W], clipped to [-1, 1] (differentiable inside)."""
+        self._check(params)
+        return params.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        self._check(params)
+        eps = torch.randn(params.shape, generator=generator, dtype=params.dtype, device=params.device)
+        return quantize(params + torch.exp(self.log_scale).view(1, -1, 1, 1) * eps)
+
+
+# name -> factory(num_mixtures); the Gaussian has a single component and ignores the count.
+LIKELIHOODS: dict[str, Callable[[int], nn.Module]] = {
+    "mdl": lambda num_mixtures: DiscretizedLogisticMixture(num_mixtures),
+    "gaussian": lambda num_mixtures: DiscretizedGaussian(),
+}
+
+
+def build_likelihood(name: str, num_mixtures: int = 10) -> nn.Module:
+    """The likelihood registered under ``name`` ("mdl" or "gaussian")."""
+    if name not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(LIKELIHOODS)}")
+    return LIKELIHOODS[name](num_mixtures)

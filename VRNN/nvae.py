@@ -1,0 +1,150 @@
+"""NVAE-style convolutional encoder and decoder (Vahdat & Kautz 2020, simplified), batched over frames.
+
+Encoder: 64x64 RGB -> 4x4 map -> flat feature f_t, no skips into the decoder (skips would let the
+reconstruction bypass z). Decoder: an MLP from [z_t; h_t] to a 4x4 map, upsampling residual blocks to
+64x64, and the attention *prior* map FiLM-modulating every resolution; the output is the likelihood's
+parameters [N, P, 64, 64].
+
+Residual cells follow NVAE: GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> conv3x3 -> optional
+squeeze-excitation, added to the input through a learnable scalar gate initialised at 0, so every cell
+starts as the identity and the network trains stably at any depth. GroupNorm replaces NVAE's BatchNorm
+so that a frame's output does not depend on the rest of the batch (frames are batched over B*T).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+__all__ = ["ResidualCell", "SqueezeExcitation", "NVAEEncoder", "NVAEDecoder"]
+
+
+def _groups(channels: int) -> int:
+    """Largest of 8, 4, 2, 1 that divides ``channels``."""
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+def _conv(cin: int, cout: int, kernel: int = 3, stride: int = 1, sn: bool = False) -> nn.Module:
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2)
+    return _spectral_norm(conv) if sn else conv
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel gating from globally pooled features (Hu et al. 2018), reduction 4 as in NVAE."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(4, channels // reduction)
+        self.fc = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels), nn.Sigmoid())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.fc(x.mean((2, 3)))[:, :, None, None]
+
+
+class ResidualCell(nn.Module):
+    """x + gate * f(x), gate a learnable scalar initialised at 0. Shape-preserving: [N, C, r, r]."""
+
+    def __init__(self, channels: int, use_se: bool = True, spectral_norm: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(_groups(channels), channels), nn.SiLU(), _conv(channels, channels, sn=spectral_norm),
+            nn.GroupNorm(_groups(channels), channels), nn.SiLU(), _conv(channels, channels, sn=spectral_norm),
+            SqueezeExcitation(channels) if use_se else nn.Identity(),
+        )
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.gate * self.body(x)
+
+
+class NVAEEncoder(nn.Module):
+    """x [N, 3, S, S] in [-1, 1] (S = image_size) -> (f [N, F], feature maps).
+
+    Widths C, 2C, 4C, 4C at resolutions S/2 .. S/16 (C = ``channels``); a 1x1 projection to C channels at
+    4x4 gives F = 16 C. ``forward`` also returns the maps after each stage (for Gram anchoring)."""
+
+    def __init__(self, channels: int = 64, image_size: int = 64, use_se: bool = True,
+                 spectral_norm: bool = False) -> None:
+        super().__init__()
+        n_down = int(round(math.log2(image_size // 4)))
+        if 4 * 2**n_down != image_size:
+            raise ValueError(f"image_size={image_size} is invalid: expected 4 * 2^k")
+        widths = [channels * min(2**i, 4) for i in range(n_down)]
+        self.stem = _conv(3, channels, sn=spectral_norm)
+        stages, cin = [], channels
+        for cout in widths:
+            stages.append(nn.Sequential(_conv(cin, cout, stride=2, sn=spectral_norm),
+                                        ResidualCell(cout, use_se, spectral_norm)))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(), nn.Conv2d(cin, channels, 1))
+        self.feature_dim = channels * 16
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """x [N, 3, S, S] -> f [N, 16 C], maps [[N, C_i, r_i, r_i] for each stage]."""
+        h = self.stem(x)
+        maps = []
+        for stage in self.stages:
+            h = stage(h)
+            maps.append(h)
+        return self.head(h).flatten(1), maps
+
+
+class _AttentionFiLM(nn.Module):
+    """FiLM from the attention map at one resolution: h * (1 + gamma(m)) + beta(m).
+
+    The map (a distribution over R x R) is rescaled so a uniform map reads 1, compressed by log1p, and
+    resized to the block's resolution (area pooling down, bilinear up)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2 * channels, 3, padding=1)
+        nn.init.normal_(self.conv.weight, std=0.05)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, h: Tensor, att: Tensor) -> Tensor:
+        r = h.shape[-1]
+        m = att if att.shape[-1] == r else (
+            F.adaptive_avg_pool2d(att, r) if att.shape[-1] > r
+            else F.interpolate(att, size=(r, r), mode="bilinear", align_corners=False))
+        gamma, beta = self.conv(m).chunk(2, dim=1)
+        return h * (1.0 + gamma) + beta
+
+
+class NVAEDecoder(nn.Module):
+    """[z; h] [N, I] and the attention prior map [N, R, R] -> likelihood parameters [N, P, S, S].
+
+    An MLP gives a 4C x 4 x 4 map (C = ``channels``); four upsampling stages (nearest x2, conv3x3, FiLM by
+    the attention map, residual cell) reach S = image_size with widths 4C, 2C, C, C."""
+
+    def __init__(self, input_dim: int, out_channels: int, channels: int = 64, image_size: int = 64,
+                 use_se: bool = True, spectral_norm: bool = False) -> None:
+        super().__init__()
+        n_up = int(round(math.log2(image_size // 4)))
+        top = 4 * channels
+        self.top = top
+        self.fc = nn.Sequential(nn.Linear(input_dim, 2 * top), nn.SiLU(), nn.Linear(2 * top, top * 16))
+        self.cell0 = ResidualCell(top, use_se, spectral_norm)
+        widths = [channels * max(1, 4 // 2**i) for i in range(n_up)]  # 4C, 2C, C, C
+        ups, films, cells, cin = [], [], [], top
+        for cout in widths:
+            ups.append(_conv(cin, cout, sn=spectral_norm))
+            films.append(_AttentionFiLM(cout))
+            cells.append(ResidualCell(cout, use_se, spectral_norm))
+            cin = cout
+        self.ups, self.films, self.cells = nn.ModuleList(ups), nn.ModuleList(films), nn.ModuleList(cells)
+        self.out = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(), nn.Conv2d(cin, out_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, attention_map: Tensor) -> Tensor:
+        """x [N, I], attention_map [N, R, R] (sums to 1) -> params [N, P, S, S]."""
+        res = attention_map.shape[-1]
+        att = torch.log1p(attention_map.unsqueeze(1) * (res * res))  # uniform map -> log 2
+        h = self.cell0(self.fc(x).view(-1, self.top, 4, 4))
+        for up, film, cell in zip(self.ups, self.films, self.cells):
+            h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            h = cell(film(h, att))
+        return self.out(h)
