@@ -55,7 +55,7 @@ def _lookup() -> dict[str, tuple[str, str]]:
     """Normalised key ``domain_task`` -> (domain, task); keys are unique (checked in tests)."""
     table: dict[str, tuple[str, str]] = {}
     for domain, task in _known_pairs():
-        table[f"{domain}_{task}"] = (domain, task)
+        table[f"{domain}_{task}".lower()] = (domain, task)
     return table
 
 

@@ -64,8 +64,12 @@ def open_checked(path: str | Path, mode: str = "r") -> h5py.File:
     except OSError as err:
         raise DataFileError(f"cannot open HDF5 file {path} (corrupt or truncated?): {err}") from err
     version = f.attrs.get("schema_version")
-    if version is None or int(version) != SCHEMA_VERSION:
+    version = version.item() if isinstance(version, np.generic) else version
+    if not isinstance(version, (int, np.integer)) or int(version) != SCHEMA_VERSION:
         f.close()
+        if version is None:
+            raise DataFileError(f"{path}: no schema_version attribute; not a file of this project's format "
+                                f"(schema_version {SCHEMA_VERSION})")
         raise DataFileError(f"{path}: schema_version is {version!r}, this code reads schema_version "
                             f"{SCHEMA_VERSION}; re-collect or re-import the data")
     return f
