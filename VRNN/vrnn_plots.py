@@ -8,7 +8,6 @@ do not touch any model: ``evaluation.make_evaluation_plots`` computes what they 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -17,9 +16,10 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from VRNN.metrics_log import read_metrics
+
 __all__ = [
     "to_uint8_frames",
-    "read_metrics",
     "plot_loss_curves",
     "plot_reconstruction_grid",
     "plot_open_loop_grid",
@@ -82,22 +82,6 @@ def _frame_indices(t: int, max_frames: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------
 # Loss curves
-def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl file (one JSON object per line); unreadable lines are skipped with a warning."""
-    rows = []
-    path = Path(path)
-    if not path.is_file():
-        return rows
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("%s line %d is not JSON; skipped", path, n)
-    return rows
-
-
 # Panels of the loss figure: title -> metric keys (drawn when present in the rows).
 LOSS_PANELS: dict[str, tuple[str, ...]] = {
     "task losses": ("total_vae_loss", "perceiver_loss", "attention_loss", "adversarial_loss"),
