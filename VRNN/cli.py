@@ -20,7 +20,7 @@ from typing import Sequence
 
 from VRNN.aime_config import PRESETS, AIMEConfig
 
-__all__ = ["build_parser", "add_training_flags", "config_from_args", "default_data_dir"]
+__all__ = ["build_parser", "add_training_flags", "config_from_args", "default_data_dir", "explicit_config_flags"]
 
 # Command-line flag -> AIMEConfig field. Flags not listed here are run options, not hyperparameters.
 CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -44,6 +44,16 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--beta": ("beta", float, "final KL weight after warm-up"),
     "--seed": ("seed", int, "random seed (data order, initialisation, sampling)"),
     "--max-steps": ("max_steps", int, "stop after this many optimiser steps"),
+    "--warmup-steps": ("warmup_steps", int, "linear learning-rate warm-up steps before the cosine decay"),
+    "--beta-warmup-steps": ("beta_warmup_steps", int, "steps of the linear KL-weight (beta) warm-up"),
+    "--adversarial-warmup-steps": ("adversarial_warmup_steps", int, "steps of the adversarial-loss warm-up"),
+    "--disc-learning-rate": ("disc_learning_rate", float, "peak AdamW learning rate of the discriminator"),
+    "--n-critic": ("n_critic", int, "discriminator steps per generator step"),
+    "--grad-clip": ("grad_clip", float, "global gradient-norm clipping threshold"),
+    "--ema-decay": ("ema_decay", float, "decay of the EMA copy used for evaluation and Gram anchoring"),
+    "--keep-checkpoints": ("keep_checkpoints", int, "numbered checkpoints kept beside latest.pt and best.pt"),
+    "--max-nonfinite-steps": ("max_nonfinite_steps", int, "stop after this many non-finite steps in a row"),
+    "--num-workers": ("num_workers", int, "DataLoader worker processes per rank"),
 }
 
 
@@ -94,7 +104,17 @@ def add_training_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="plot attention and slot maps at each evaluation")
     parser.add_argument("--save-visualizations", action="store_true",
                         help="keep the plots of every evaluation, not only the last (plots/step_<N>/)")
+    parser.add_argument("--stop-file", type=Path, default=None,
+                        help="if this file appears, every rank saves a checkpoint and stops at the next step "
+                             "(used by run_VRNN_minimum.sh, whose preemption signal may not reach torchrun's "
+                             "workers); removed when training starts")
     return parser
+
+
+def explicit_config_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, object]:
+    """The config fields whose command-line value differs from the preset default (set by the user)."""
+    return {name: getattr(args, name) for name, _, _ in CONFIG_FLAGS.values()
+            if getattr(args, name) != parser.get_default(name)}
 
 
 def config_from_args(args: argparse.Namespace, **extra: object) -> AIMEConfig:

@@ -20,8 +20,10 @@ boundary with a checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -47,7 +49,7 @@ from VRNN.training_checkpoints import CheckpointManager, all_finite, check_compa
 from VRNN.vrnn_utilities import CheckpointError, get_rng_state, load_checkpoint, set_rng_state
 
 __all__ = ["DMCVBTrainer", "DMCVBDataset", "TrainResult", "NonFiniteTrainingError", "AGGREGATOR_KWARGS",
-           "step_seed"]
+           "step_seed", "write_json_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -326,22 +328,37 @@ class DMCVBTrainer:
         metrics.log(row)
         return row
 
-    def evaluate(self, write: bool = True) -> dict[str, Any]:
-        """Evaluate the EMA model on the held-out split (rank 0); writes ``eval.json`` and plots."""
-        from VRNN.evaluation import run_evaluation
+    def evaluate(self, write: bool = True, metrics: Optional[MetricsLogger] = None) -> dict[str, Any]:
+        """Evaluate the EMA model on the held-out split (rank 0; the others wait).
+
+        Writes ``eval.json`` (with ``step``) when ``write``, appends the scalar metrics as an ``eval/...``
+        row to ``metrics.jsonl``, and draws the figures: to ``plots/step_<N>/`` with
+        ``save_visualizations``, to ``plots/`` (latest only) with ``visualize_attention``.
+        Evaluation samples from a forked, seeded RNG, so it never changes the training run.
+        """
+        from VRNN.evaluation import evaluate, scalar_metrics
 
         result: dict[str, Any] = {}
         if self.dist.is_main:
-            plots = self.run_dir / "plots"
+            result = {"step": self.step, **evaluate(self.model, self.eval_data, self.config, device=self.device,
+                                                     ema=self.ema.module, progress=self._progress)}
+            if write:
+                write_json_atomic(self.run_dir / "eval.json", result)
+            (metrics or MetricsLogger(self.run_dir)).log({"step": self.step, **scalar_metrics(result)})
             if self.save_visualizations:
-                plots = plots / f"step_{self.step:08d}"
-            result = run_evaluation(self.ema.module, self.eval_data, self.config, step=self.step,
-                                    out_json=self.run_dir / "eval.json" if write else None,
-                                    plots_dir=plots if (self.visualize_attention or self.save_visualizations)
-                                    else None)
+                self.make_plots(self.run_dir / "plots" / f"step_{self.step:08d}", result)
+            elif self.visualize_attention:
+                self.make_plots(self.run_dir / "plots", result)
             self.last_evaluation = result
         barrier()
         return result
+
+    def make_plots(self, plots_dir: Path, evaluation: dict[str, Any]) -> list[Path]:
+        """Every evaluation figure of the EMA model into ``plots_dir`` (rank 0)."""
+        from VRNN.evaluation import make_evaluation_plots
+
+        return make_evaluation_plots(self.ema.module, self.eval_data, self.config, plots_dir,
+                                     metrics_path=self.run_dir / "metrics.jsonl", evaluation=evaluation)
 
     # ----------------------------------------------------------------------------------------------
     def train(self, until: Optional[int] = None) -> TrainResult:
@@ -381,7 +398,7 @@ class DMCVBTrainer:
                 if self.step % c.log_every == 0 or self.step == target:
                     self._log(metrics, started, steps_done)
                 if self.step % c.eval_every == 0:
-                    self._evaluate_and_checkpoint()
+                    self._evaluate_and_checkpoint(metrics)
                     evaluated_at = self.step
                 elif self.step % c.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -399,14 +416,23 @@ class DMCVBTrainer:
         logger.info("training ended at step %d (%s)", self.step, reason)
         return TrainResult(self.step, reason, self.last_checkpoint, self.last_evaluation, self.nonfinite_total)
 
-    def _evaluate_and_checkpoint(self) -> None:
-        result = self.evaluate()
+    def _evaluate_and_checkpoint(self, metrics: Optional[MetricsLogger] = None) -> None:
+        result = self.evaluate(metrics=metrics)
         best = False
         if self.dist.is_main:
             bpd = _bits_per_dim(result)
             if bpd is not None and bpd < self.best_bits_per_dim:
                 self.best_bits_per_dim, best = bpd, True
         self.save_checkpoint(best=best or not (self.checkpoints.dir / "best.pt").exists())
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
+    """JSON file written to a temporary name and renamed (never half written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _bits_per_dim(result: dict[str, Any]) -> Optional[float]:

@@ -20,6 +20,7 @@ import torch
 from VRNN.aime_config import AIMEConfig
 from VRNN.cli import config_from_args, default_data_dir
 from VRNN.ddp_utils import DistContext, barrier, is_distributed
+from VRNN.dmc_dataset import DMCVBDataset
 
 __all__ = ["canonical_env", "ensure_dataset", "resolve_run_dir", "write_config", "load_datasets",
            "build_model", "prepare_config"]
@@ -84,15 +85,14 @@ def write_config(run_dir: Path, config: AIMEConfig, ctx: DistContext) -> None:
 
 
 def load_datasets(config: AIMEConfig, train_path: Path, eval_path: Path):
-    """(train, eval) ``DMCVBDataset`` windows of ``config.sequence_length`` frames in [-1, 1].
+    """(train, eval) ``DMCVBDataset`` windows in [-1, 1]: ``config.sequence_length`` frames for training,
+    ``evaluation.eval_sequence_length(config)`` (long enough for T0 observed + F imagined) for evaluation.
 
     Raises ValueError when the two files hold different environments or action sizes.
     """
-    from VRNN.dmc_dataset import DMCVBDataset
-
     train = DMCVBDataset(train_path, config.sequence_length, scale="float", augment=config.augment,
                          seed=config.seed)
-    evaluation = DMCVBDataset(eval_path, config.sequence_length, scale="float", augment=False, seed=config.seed)
+    evaluation = load_eval_dataset(config, eval_path)
     if train.action_dim != evaluation.action_dim:
         raise ValueError(f"{train_path} has action size {train.action_dim} but {eval_path} has "
                          f"{evaluation.action_dim}: the two splits come from different environments")
@@ -103,8 +103,138 @@ def load_datasets(config: AIMEConfig, train_path: Path, eval_path: Path):
     return train, evaluation
 
 
+def load_eval_dataset(config: AIMEConfig, eval_path: Path):
+    """The held-out windows of ``eval_sequence_length(config)`` frames."""
+    from VRNN.evaluation import eval_sequence_length
+
+    return DMCVBDataset(eval_path, eval_sequence_length(config), scale="float", augment=False, seed=config.seed)
+
+
 def build_model(config: AIMEConfig, action_dim: int, device: torch.device) -> torch.nn.Module:
     """``DPGMMVariationalRecurrentAutoencoder.from_config`` on ``device`` (seeded by the caller)."""
     from VRNN.dpgmm_stickbreaking_prior_vrnn import DPGMMVariationalRecurrentAutoencoder
 
     return DPGMMVariationalRecurrentAutoencoder.from_config(config, action_dim=action_dim).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The job both scripts run
+def run_job(argv: Optional[list[str]], description: str, report: bool) -> int:
+    """Parse flags, then train (or evaluate with ``--eval-only``); ``report`` adds plots and report.md.
+
+    Exit codes: 0 done or stopped cleanly by a signal / budget / stop file (a SLURM requeue resumes),
+    2 bad input, 3 stopped by non-finite training.
+    """
+    from VRNN.cli import add_training_flags, build_parser
+    from VRNN.ddp_utils import cleanup_distributed, init_distributed
+    from VRNN.vrnn_utilities import setup_logging
+
+    parser = build_parser(description, argv)
+    add_training_flags(parser)
+    args = parser.parse_args(argv)
+    ctx = init_distributed(args.device)
+    setup_logging(rank=ctx.rank)
+    try:
+        if args.eval_only:
+            return _eval_only(parser, args, ctx, report)
+        return _train(args, ctx, report)
+    except (ValueError, FileNotFoundError) as exc:  # CheckpointError and DataFileError are ValueErrors
+        logger.error("%s", exc)
+        return 2
+    finally:
+        cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, ctx: DistContext, report: bool) -> int:
+    from VRNN.dmc_vb_transition_dynamics_trainer import DMCVBTrainer, NonFiniteTrainingError
+    from VRNN.training_checkpoints import find_latest
+    from VRNN.vrnn_utilities import seed_everything
+
+    config = prepare_config(args)
+    if config.batch_size % ctx.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} is the global batch and must divide by the "
+                         f"number of processes ({ctx.world_size})")
+    train_path, eval_path = ensure_dataset(config, args.data_dir, ctx)
+    train_data, eval_data = load_datasets(config, train_path, eval_path)
+    config = config.replace(action_dim=train_data.action_dim)
+    run_dir = resolve_run_dir(config.env, args.run_dir, ctx)
+    resume_path = find_latest(run_dir / "checkpoints") if args.resume else None
+    if args.resume and resume_path is None:
+        logger.info("--resume: no checkpoint in %s yet; starting from step 0", run_dir / "checkpoints")
+    seed_everything(config.seed)
+    model = build_model(config, train_data.action_dim, ctx.device)
+    trainer = DMCVBTrainer(model, train_data, eval_data, config, run_dir, device=ctx.device, dist=ctx,
+                           tensorboard=args.tensorboard, minutes=args.minutes, stop_file=args.stop_file,
+                           visualize_attention=args.visualize_attention,
+                           save_visualizations=args.save_visualizations)
+    if resume_path is not None:
+        trainer.load_checkpoint(resume_path)
+    elif args.load_checkpoint is not None:
+        trainer.load_checkpoint(args.load_checkpoint, training_state=False)
+    write_config(run_dir, config, ctx)
+    try:
+        result = trainer.train()
+    except NonFiniteTrainingError as exc:
+        logger.error("%s", exc)
+        return 3
+    if result.interrupted:
+        logger.info("stopped by %s at step %d; checkpoint %s. Resume with --resume --run-dir %s",
+                    result.reason, result.step, result.checkpoint, run_dir)
+        return 0
+    if report and ctx.is_main:
+        _write_outputs(run_dir, trainer.ema.module, eval_data, config, result.evaluation or {})
+    if ctx.is_main:
+        print(f"run directory: {run_dir}")
+    return 0
+
+
+def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: DistContext, report: bool) -> int:
+    """Evaluate a checkpoint's EMA weights with the checkpoint's own config (eval.json in --run-dir)."""
+    from VRNN.cli import explicit_config_flags
+    from VRNN.dpgmm_stickbreaking_prior_vrnn import DPGMMVariationalRecurrentAutoencoder
+    from VRNN.dmc_vb_transition_dynamics_trainer import write_json_atomic
+    from VRNN.evaluation import evaluate
+    from VRNN.training_checkpoints import RUN_ONLY_FIELDS
+    from VRNN.vrnn_utilities import CheckpointError, load_checkpoint
+
+    if args.load_checkpoint is None:
+        raise ValueError("--eval-only needs --load-checkpoint PATH")
+    payload = load_checkpoint(args.load_checkpoint)
+    if "config" not in payload:
+        raise CheckpointError(f"checkpoint {args.load_checkpoint} holds no config")
+    config = AIMEConfig.from_dict(payload["config"])
+    clash = {k: (getattr(config, k), v) for k, v in explicit_config_flags(parser, args).items()
+             if k not in RUN_ONLY_FIELDS and getattr(config, k) != v}
+    if clash:
+        raise CheckpointError("checkpoint " + str(args.load_checkpoint) + " was trained with other values of "
+                              + ", ".join(f"{k} (checkpoint {a!r}, flag {b!r})" for k, (a, b) in sorted(clash.items())))
+    if not ctx.is_main:
+        return 0
+    _, eval_path = ensure_dataset(config, args.data_dir, ctx)
+    eval_data = load_eval_dataset(config, eval_path)
+    if eval_data.action_dim != int(payload.get("action_dim", config.action_dim)):
+        raise CheckpointError(f"checkpoint {args.load_checkpoint} takes actions of size "
+                              f"{payload.get('action_dim')} but {eval_path} has {eval_data.action_dim}")
+    run_dir = args.run_dir if args.run_dir is not None else Path(args.load_checkpoint).resolve().parent.parent / "eval_only"
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = DPGMMVariationalRecurrentAutoencoder.from_checkpoint(args.load_checkpoint, map_location=ctx.device,
+                                                                 use_ema=payload.get("ema") is not None)
+    model.to(ctx.device).eval()
+    # Passed as ``ema`` so that eval.json reads exactly as the training run's (which evaluates the EMA).
+    result = {"step": int(payload.get("step", 0)),
+              **evaluate(model, eval_data, config, device=ctx.device, ema=model)}
+    write_json_atomic(run_dir / "eval.json", result)
+    if report or args.visualize_attention or args.save_visualizations:
+        _write_outputs(run_dir, model, eval_data, config, result)
+    print(f"evaluation written to {run_dir / 'eval.json'}")
+    return 0
+
+
+def _write_outputs(run_dir: Path, model, eval_data, config: AIMEConfig, evaluation: dict) -> None:
+    """All plots and report.md of a finished run (rank 0)."""
+    from VRNN.evaluation import make_evaluation_plots, write_report
+
+    plots = make_evaluation_plots(model, eval_data, config, run_dir / "plots", metrics_path=run_dir / "metrics.jsonl",
+                                  evaluation=evaluation)
+    write_report(run_dir, config, evaluation, plots)
