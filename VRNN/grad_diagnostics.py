@@ -101,7 +101,7 @@ def _as_tensor(value) -> torch.Tensor:
 def stats_from_rgb_diagnostics(diagnostics: Mapping[str, object]) -> tuple[torch.Tensor, torch.Tensor]:
     """(norms [T], cosines [T, T]) from an aggregator's ``backward`` diagnostics dict.
 
-    Looks for the usual key names (``grad_norms``/``norms``..., ``cosines``/``pairwise_cosines``...);
+    Tasks marked inactive (``active [T]`` False, or a zero norm) get NaN cosines. Looks for the usual key names (``grad_norms``/``norms``..., ``cosines``/``pairwise_cosines``...);
     when only a ``grads [T, D]`` matrix is there, computes both from it.
     """
     norms = next((diagnostics[k] for k in _NORM_KEYS if k in diagnostics), None)
@@ -111,9 +111,16 @@ def stats_from_rgb_diagnostics(diagnostics: Mapping[str, object]) -> tuple[torch
     if norms is None or cos is None:
         raise ValueError(f"diagnostics dict has no per-task norms and cosines; keys: {sorted(diagnostics)}; "
                          f"expected one of {_NORM_KEYS} and one of {_COS_KEYS}")
-    norms, cos = _as_tensor(norms).flatten(), _as_tensor(cos)
+    norms, cos = _as_tensor(norms).flatten(), _as_tensor(cos).clone()
     if cos.shape != (norms.numel(), norms.numel()):
         raise ValueError(f"cosines must be [T, T] with T={norms.numel()} tasks, got {tuple(cos.shape)}")
+    # RGB reports 0 as the cosine of a task without gradient; that is "no direction", not "orthogonal".
+    active = diagnostics.get("active")
+    inactive = ~torch.as_tensor(active, dtype=torch.bool).flatten().cpu() if active is not None \
+        else norms <= 0
+    if inactive.numel() == norms.numel():
+        cos[inactive, :] = float("nan")
+        cos[:, inactive] = float("nan")
     return norms, cos
 
 

@@ -54,6 +54,11 @@ def test_stats_from_rgb_dict_variants():
     assert torch.equal(n, norms) and torch.equal(c, cos)
     n, c = stats_from_rgb_diagnostics({"grads": torch.tensor([[1.0, 0.0], [0.0, 3.0]])})
     assert torch.allclose(n, torch.tensor([1.0, 3.0])) and c[0, 1] == pytest.approx(0.0)
+    # RGB's layout: cosine 0 for a task without gradient, flagged by active=False.
+    n, c = stats_from_rgb_diagnostics({"grad_norms": torch.tensor([1.0, 2.0, 0.0]),
+                                       "cosines": torch.tensor([[1.0, 0.3, 0.0], [0.3, 1.0, 0.0], [0.0, 0.0, 0.0]]),
+                                       "active": torch.tensor([True, True, False])})
+    assert c[0, 1] == pytest.approx(0.3) and torch.isnan(c[2]).all() and torch.isnan(c[:, 2]).all()
     with pytest.raises(ValueError, match="keys"):
         stats_from_rgb_diagnostics({"something": 1})
 
