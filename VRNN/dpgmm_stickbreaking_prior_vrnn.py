@@ -1,0 +1,477 @@
+"""`DPGMMVariationalRecurrentAutoencoder`: the AIME world model (MODEL.md, the canonical implementation).
+
+A variational RNN over 64x64 frames whose latent prior is a Dirichlet-process Gaussian mixture built by
+Kumaraswamy stick-breaking, with a causal Perceiver IO context, an attention schema, an NVAE-style
+encoder/decoder and a temporal discriminator. Time convention and causality follow MODEL.md §1 exactly;
+the per-step cell is ``VRNN/vrnn_cell.py``.
+
+Efficiency (MODEL.md §6): the encoder, the Perceiver, the attention feature pyramid, the decoder and the
+discriminator each run once over all B*T frames; the Python loop over t only runs the LSTM step, the
+prior/posterior heads and the attention schema's per-step heads.
+
+Losses (MODEL.md §3): every per-frame quantity (nats per frame) is divided by 3*H*W before averaging over
+B and T, so losses read as nats per pixel dimension; ``bits_per_dim`` is the negative ELBO
+(recon + KL_z + KL_sticks + KL_alpha) / ln 2 on that scale. The attention KL is a KL between R x R
+categoricals, a different space, and is kept in nats per frame (it is its own task for RGB).
+
+Choices where the spec is silent: z_t fed downstream is the first of the ``kl_samples`` posterior draws
+used for KL_z; the discriminator conditions on z detached (the latent is the label of the frame, not
+something the generator should optimise to fool the critic) and its real-window features for feature
+matching are computed without a graph (they are targets); the Perceiver context is not reset at episode
+starts inside a window (``is_first`` resets h, z, c_{t-1} and A_{t-1}).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from perceiver_io import CausalPerceiverIO, PerceiverIOConfig
+from VRNN.aime_config import AIMEConfig
+from VRNN.attention_schema import AttentionSchema
+from VRNN.dpgmm_prior import DPGMMPrior
+from VRNN.likelihoods import build_likelihood
+from VRNN.nvae import NVAEDecoder, NVAEEncoder
+from VRNN.temporal_discriminator import (
+    TemporalDiscriminator,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+    gradient_penalty,
+)
+from VRNN.vrnn_cell import RecurrentState, VRNNCell
+from VRNN.vrnn_utilities import CheckpointError, load_checkpoint, resolve_device, save_checkpoint
+
+__all__ = ["DPGMMVariationalRecurrentAutoencoder", "TASK_LOSS_KEYS", "gram_anchor_loss"]
+
+logger = logging.getLogger(__name__)
+
+TASK_LOSS_KEYS = ("total_vae_loss", "perceiver_loss", "attention_loss", "adversarial_loss")
+
+# The public keyword names of MODEL.md §4 and their defaults (= AIMEConfig defaults, the paper sizes).
+_PUBLIC_DEFAULTS: dict[str, Any] = dict(
+    max_components=15, input_dim=64, latent_dim=36, hidden_dim=512, attention_dim=64, action_dim=6,
+    sequence_length=16, img_perceiver_channels=64, img_disc_layers=4, disc_num_heads=4,
+    num_latent_perceiver=128, num_latent_channels_perceiver=256, num_codebook_perceiver=1024,
+    perceiver_code_dim=256,
+)
+# Per-step [B, T] terms of the cell that forward_sequence returns under the same name.
+_STEP_KEYS = ("kl_z", "kl_sticks", "kl_alpha", "attention_kl", "attention_dynamics", "attention_diversity")
+
+
+def gram_anchor_loss(maps: list[Tensor], anchor_maps: list[Tensor]) -> Tensor:
+    """Gram anchoring (MODEL.md §2.8): MSE between cosine Gram matrices of feature maps [N, C, r, r]
+    (positions x positions, each position's channel vector L2-normalised, negatives zeroed), averaged
+    over the given levels. ``anchor_maps`` (the EMA encoder's) are targets without gradient."""
+    terms = []
+    for m, a in zip(maps, anchor_maps):
+        fm, fa = F.normalize(m.flatten(2), dim=1), F.normalize(a.detach().flatten(2), dim=1)
+        gm = F.relu(fm.transpose(1, 2) @ fm)
+        ga = F.relu(fa.transpose(1, 2) @ fa)
+        terms.append(F.mse_loss(gm, ga))
+    return torch.stack(terms).mean()
+
+
+class DPGMMVariationalRecurrentAutoencoder(nn.Module):
+    """The AIME world model. The keywords are the public names of MODEL.md §4; every other hyperparameter
+    comes from ``config`` (an ``AIMEConfig``, default: the paper sizes). When ``config`` is given, a
+    keyword left at its default takes the config's value and a keyword set to anything else overrides it.
+    ``.config`` always holds the full resolved configuration (checkpoints rebuild from it).
+    """
+
+    def __init__(self, max_components: int = 15, input_dim: int = 64, latent_dim: int = 36,
+                 hidden_dim: int = 512, attention_dim: int = 64, action_dim: int = 6, sequence_length: int = 16,
+                 img_perceiver_channels: int = 64, img_disc_layers: int = 4, disc_num_heads: int = 4,
+                 device: str | torch.device | None = None, num_latent_perceiver: int = 128,
+                 num_latent_channels_perceiver: int = 256, num_codebook_perceiver: int = 1024,
+                 perceiver_code_dim: int = 256, config: AIMEConfig | None = None) -> None:
+        super().__init__()
+        given = dict(max_components=max_components, input_dim=input_dim, latent_dim=latent_dim,
+                     hidden_dim=hidden_dim, attention_dim=attention_dim, action_dim=action_dim,
+                     sequence_length=sequence_length, img_perceiver_channels=img_perceiver_channels,
+                     img_disc_layers=img_disc_layers, disc_num_heads=disc_num_heads,
+                     num_latent_perceiver=num_latent_perceiver,
+                     num_latent_channels_perceiver=num_latent_channels_perceiver,
+                     num_codebook_perceiver=num_codebook_perceiver, perceiver_code_dim=perceiver_code_dim)
+        if config is not None and not isinstance(config, AIMEConfig):
+            raise ValueError(f"config must be an AIMEConfig or None, got {type(config).__name__}")
+        base = config if config is not None else AIMEConfig()
+        overrides = {k: v for k, v in given.items() if config is None or v != _PUBLIC_DEFAULTS[k]}
+        c = self.config = base.replace(**overrides)
+        self.action_dim = c.action_dim
+        size = c.image_size
+        self.pixel_dims = 3 * size * size
+
+        self.encoder = NVAEEncoder(c.encoder_channels, size, c.use_squeeze_excitation, c.use_spectral_norm)
+        self.perceiver = CausalPerceiverIO(PerceiverIOConfig.from_aime_config(c))
+        attention = AttentionSchema(c.hidden_dim, c.context_dim, c.latent_dim, c.attention_dim,
+                                    resolution=c.attention_resolution, num_slots=c.num_slots,
+                                    slot_dim=c.slot_dim, iterations=c.slot_iterations, image_size=size)
+        prior = DPGMMPrior(c.hidden_dim + c.context_dim, c.latent_dim, c.max_components, hidden_dim=c.hidden_dim,
+                           alpha_a0=c.prior_alpha_a0, alpha_b0=c.prior_alpha_b0, taylor_terms=c.taylor_terms,
+                           kl_samples=c.kl_samples, alpha_samples=c.alpha_samples,
+                           random_stick_order=c.random_stick_order)
+        self.cell = VRNNCell(self.encoder.feature_dim, c.hidden_dim, c.context_dim, c.latent_dim, c.action_dim,
+                             attention, prior, lstm_layers=c.lstm_layers)
+        self.likelihood = build_likelihood(c.likelihood, c.num_mixtures)
+        self.decoder = NVAEDecoder(c.latent_dim + c.hidden_dim, self.likelihood.num_params, c.decoder_channels,
+                                   size, c.use_squeeze_excitation, c.use_spectral_norm)
+        self.discriminator = TemporalDiscriminator(c.latent_dim, c.disc_channels, c.img_disc_layers,
+                                                   c.disc_num_heads, image_size=size)
+        if device is not None:
+            self.to(resolve_device(str(device)))
+
+    # ---------------------------------------------------------------------------------------------- build
+    @classmethod
+    def from_config(cls, config: AIMEConfig, action_dim: int | None = None) -> "DPGMMVariationalRecurrentAutoencoder":
+        """Build from a full config; ``action_dim`` (the environment's) overrides ``config.action_dim``."""
+        if action_dim is not None:
+            config = config.replace(action_dim=int(action_dim))
+        return cls(config=config)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu",
+                        use_ema: bool = False) -> "DPGMMVariationalRecurrentAutoencoder":
+        """Rebuild from a checkpoint's ``config`` and ``action_dim`` and load ``model`` (or ``ema``).
+        A missing file, a foreign file or weights that do not fit raise ``CheckpointError``."""
+        payload = load_checkpoint(path, map_location=map_location)
+        for key in ("config", "model"):
+            if key not in payload:
+                raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r} entry (keys: {sorted(payload)})")
+        try:
+            config = AIMEConfig.from_dict(payload["config"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {exc}") from exc
+        state = payload.get("ema") if use_ema else payload["model"]
+        if state is None:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no EMA weights (ema is None); use use_ema=False")
+        model = cls.from_config(config, payload.get("action_dim"))
+        model.load_weights(state, source=str(path))
+        return model.to(map_location)
+
+    def load_weights(self, state: dict[str, Tensor], source: str = "state dict") -> None:
+        """Strict load with a ``CheckpointError`` naming missing, unexpected and mis-shaped entries."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+                  if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            show = lambda xs: ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")  # noqa: E731
+            raise CheckpointError(f"weights in {source} do not fit this model: missing [{show(missing)}], "
+                                  f"unexpected [{show(unexpected)}], shape mismatches [{show(shapes)}]")
+        self.load_state_dict(state)
+
+    def save(self, path: str | Path, ema: nn.Module | None = None, **extra: Any) -> Path:
+        """Write a checkpoint that ``from_checkpoint`` reads (config, action_dim, model, ema, ``extra``)."""
+        return save_checkpoint(path, {"config": self.config.to_dict(), "action_dim": self.action_dim,
+                                      "model": self.state_dict(),
+                                      "ema": None if ema is None else ema.state_dict(), **extra})
+
+    # ---------------------------------------------------------------------------------------------- params
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Every parameter except the discriminator's (what the four tasks and RGB update)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("discriminator.")]
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        return list(self.discriminator.parameters())
+
+    def parameter_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups over ``generator_parameters()`` exactly once (MODEL.md §5): Perceiver x1.5 lr,
+        attention schema x1.2, learned initial states x0.1; no weight decay on biases, norm weights,
+        gates, scales and initial states (every parameter with fewer than two dims, plus h0/c0)."""
+        groups: dict[tuple[str, bool], dict[str, Any]] = {}
+        for name, p in self.named_parameters():
+            if name.startswith("discriminator."):
+                continue
+            initial = name in ("cell.lstm.h0", "cell.lstm.c0")
+            part, mult = (("initial_state", 0.1) if initial else ("perceiver", 1.5) if name.startswith("perceiver.")
+                          else ("attention", 1.2) if name.startswith("cell.attention.") else ("base", 1.0))
+            decay = p.dim() >= 2 and not initial
+            group = groups.setdefault((part, decay), {"params": [], "lr": lr * mult, "lr_scale": mult,
+                                                      "weight_decay": weight_decay if decay else 0.0,
+                                                      "name": f"{part}{'' if decay else '/no_decay'}"})
+            group["params"].append(p)
+        return list(groups.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---------------------------------------------------------------------------------------------- inputs
+    def _prepare_observations(self, obs: Any, name: str = "observations") -> Tensor:
+        """uint8 [0, 255] or float [-1, 1], [B, T, 3, H, W] -> float [-1, 1] on the model's device."""
+        size, expected = self.config.image_size, f"[B, T, 3, {self.config.image_size}, {self.config.image_size}]"
+        if not isinstance(obs, Tensor):
+            try:
+                obs = torch.as_tensor(obs)
+            except Exception as exc:
+                raise ValueError(f"{name} must be a tensor {expected}, got {type(obs).__name__}") from exc
+        if obs.dim() != 5 or obs.shape[2] != 3 or obs.shape[0] < 1 or obs.shape[1] < 1:
+            raise ValueError(f"{name} must have shape {expected} (uint8 in [0, 255] or float in [-1, 1]), "
+                             f"got shape {tuple(obs.shape)}")
+        obs = obs.to(self.device)
+        if obs.dtype == torch.uint8:
+            x = obs.to(torch.get_default_dtype()) / 127.5 - 1.0
+        elif obs.is_floating_point():
+            if not bool(torch.isfinite(obs).all()):
+                raise ValueError(f"{name} contains NaN or inf")
+            lo, hi = float(obs.min()), float(obs.max())
+            if lo < -1.001 or hi > 1.001:
+                raise ValueError(f"float {name} must lie in [-1, 1] (uint8 frames in [0, 255] are also accepted), "
+                                 f"got values in [{lo:.4g}, {hi:.4g}]")
+            x = obs.clamp(-1.0, 1.0)
+        else:
+            raise ValueError(f"{name} must be uint8 in [0, 255] or float in [-1, 1], got dtype {obs.dtype}")
+        h, w = x.shape[-2:]
+        if (h, w) != (size, size):
+            if h == w == self.config.input_dim:
+                warnings.warn(f"{name}: resizing {h}x{w} frames to {size}x{size} (input_dim={h})", stacklevel=3)
+                b, t = x.shape[:2]
+                x = F.interpolate(x.flatten(0, 1), size=(size, size), mode="bilinear", antialias=True,
+                                  align_corners=False).clamp(-1, 1).view(b, t, 3, size, size)
+            else:
+                raise ValueError(f"{name} must be {expected}, got shape {tuple(obs.shape)} (frames of another "
+                                 f"size are resized only when input_dim={self.config.input_dim} matches them)")
+        return x
+
+    def _prepare_actions(self, actions: Any, batch: int, steps: int, name: str = "actions") -> Tensor:
+        expected = f"[B={batch}, T={steps}, A={self.action_dim}]"
+        if not isinstance(actions, Tensor):
+            actions = torch.as_tensor(actions)
+        if actions.dim() != 3 or tuple(actions.shape) != (batch, steps, self.action_dim):
+            raise ValueError(f"{name} must have shape {expected}, got {tuple(actions.shape)}")
+        actions = actions.to(self.device, torch.get_default_dtype())
+        if not bool(torch.isfinite(actions).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+        return actions
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def _observe_loop(self, x: Tensor, actions: Tensor, is_first: Tensor | None,
+                      generator: torch.Generator | None, perceiver_loss: bool) -> tuple[dict, RecurrentState, dict]:
+        """Batched encoders, then the causal loop over t. x [B, T, 3, S, S] in [-1, 1], actions [B, T, A].
+
+        Returns (per-step stacks [B, T, ...], the state after the last step, batched extras)."""
+        b, t = x.shape[:2]
+        frames = x.flatten(0, 1)
+        feature, enc_maps = self.encoder(frames)
+        feature = feature.view(b, t, -1)
+        att_feats = self.cell.attention.encode_features(frames).view(b, t, -1, self.config.slot_dim)
+        if perceiver_loss and t >= 2:
+            perc = self.perceiver(x)
+        else:
+            perc = {"context": self.perceiver.extract_context(x)}
+        context = perc["context"]
+        if is_first is not None:
+            if tuple(is_first.shape) != (b, t):
+                raise ValueError(f"is_first must have shape [B={b}, T={t}], got {tuple(is_first.shape)}")
+            is_first = is_first.to(self.device).bool()
+
+        state = self.cell.initial_state(b)
+        steps: dict[str, list[Tensor]] = {}
+        for i in range(t):
+            state = self.cell.reset(state, None if is_first is None else is_first[:, i])
+            out = self.cell.observe(state, feature[:, i], att_feats[:, i], context[:, i], generator)
+            out["h"] = state.h
+            for key, value in out.items():
+                steps.setdefault(key, []).append(value)
+            state = self.cell.advance(state, out["z"], actions[:, i], context[:, i], out["s"], out["map"],
+                                      out["center"])
+        stacked = {k: torch.stack(v, dim=1) for k, v in steps.items()}
+        return stacked, state, {"perceiver": perc, "encoder_maps": enc_maps}
+
+    def _forward(self, obs: Any, actions: Any, is_first: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        x = self._prepare_observations(obs)
+        b, t = x.shape[:2]
+        a = self._prepare_actions(actions, b, t)
+        steps, _, extras = self._observe_loop(x, a, is_first, generator, perceiver_loss=True)
+        # The decoder runs once over all B*T frames, on z_t, h_t and the attention PRIOR map.
+        dec_in = torch.cat([steps["z"], steps["h"]], dim=-1).flatten(0, 1)
+        params = self.decoder(dec_in, steps["prior_map"].flatten(0, 1))
+        frames = x.flatten(0, 1)
+        recon_nats = -self.likelihood.log_prob(params, frames).view(b, t)
+        mean_image = self.likelihood.mean(params).view_as(x)
+        outputs = {
+            "reconstructions": mean_image, "latents": steps["z"], "z_means": steps["z_mean"],
+            "z_logvars": steps["z_logvar"], "hidden_states": steps["h"], "context": extras["perceiver"]["context"],
+            "pi": steps["pi"], "attention_maps": steps["map"], "attention_prior_maps": steps["prior_map"],
+            "slot_maps": steps["slot_maps"], "attention_centers": steps["center"], "attention_states": steps["s"],
+            "recon_nats": recon_nats, "cluster_entropy": steps["entropy"], "K_eff": steps["k_eff"],
+            "active_components": steps["active"],
+        }
+        outputs.update({k: steps[k] for k in _STEP_KEYS})
+        for key, value in extras["perceiver"].items():
+            if key != "context":
+                outputs[f"perceiver_{key}"] = value
+        extras["observations"] = x
+        return outputs, extras
+
+    def forward_sequence(self, observations: Any, actions: Any, is_first: Tensor | None = None,
+                         generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Filter a window with the posterior and reconstruct it.
+
+        observations [B, T, 3, 64, 64] (uint8 or float in [-1, 1]), actions [B, T, A] (a_t follows x_t),
+        is_first [B, T] bool (optional episode starts). Returns tensors: reconstructions [B, T, 3, 64, 64]
+        (mean image), latents / z_means / z_logvars [B, T, D], hidden_states [B, T, H] (h_t), context
+        [B, T, C] (c_t), pi [B, T, K], attention_maps / attention_prior_maps [B, T, R, R], slot_maps
+        [B, T, S, R, R], and per-step terms [B, T] in nats per frame: recon_nats, kl_z, kl_sticks, kl_alpha,
+        cluster_entropy, attention_kl (0 at t = 1), attention_dynamics, attention_diversity, plus K_eff and
+        active_components [B, T]; the Perceiver's scalar losses as perceiver_* (when T >= 2).
+        """
+        return self._forward(observations, actions, is_first, generator)[0]
+
+    def forward(self, observations: Any, actions: Any, is_first: Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Same as ``forward_sequence``."""
+        return self.forward_sequence(observations, actions, is_first, generator)
+
+    def compute_total_loss(self, observations: Any, actions: Any, beta: float = 1.0, entropy_weight: float = 0.6,
+                           lambda_recon: float = 1.0, lambda_att_dyn: float = 0.1, lambda_gram: float = 0.05,
+                           adversarial_weight: float = 1.0, ema_model: nn.Module | None = None,
+                           lambda_div: float | None = None, is_first: Tensor | None = None,
+                           generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The four task losses and their components (MODEL.md §3), all scalars, and the outputs.
+
+        Per-frame terms are divided by 3*H*W (nats per dimension) and averaged over B and T; each weight is
+        applied once. ``lambda_div`` defaults to ``config.lambda_div``; ``adversarial_weight`` is the
+        trainer's warm-up factor; ``ema_model`` (the EMA copy) enables Gram anchoring when lambda_gram > 0.
+        """
+        c = self.config
+        lambda_div = c.lambda_div if lambda_div is None else lambda_div
+        outputs, extras = self._forward(observations, actions, is_first, generator)
+        x = extras["observations"]
+        per_dim = lambda v: v.mean() / self.pixel_dims  # noqa: E731  [B, T] nats/frame -> nats/dim
+        recon, kl_z = per_dim(outputs["recon_nats"]), per_dim(outputs["kl_z"])
+        kl_sticks, kl_alpha = per_dim(outputs["kl_sticks"]), per_dim(outputs["kl_alpha"])
+        entropy = per_dim(outputs["cluster_entropy"])
+        if ema_model is not None and lambda_gram > 0:
+            with torch.no_grad():
+                _, anchor_maps = ema_model.encoder(x.flatten(0, 1))
+            gram = gram_anchor_loss(extras["encoder_maps"][-2:], anchor_maps[-2:])
+        else:
+            gram = recon.new_zeros(())
+        total_vae = lambda_recon * recon + beta * (kl_z + kl_sticks + kl_alpha) - entropy_weight * entropy \
+            + lambda_gram * gram
+
+        t = x.shape[1]
+        perc = extras["perceiver"]
+        perceiver_loss = perc["total"] if "total" in perc else recon.new_zeros(())
+        # The attention prior at t = 1 has no past map to predict from: KL and dynamics count from t = 2.
+        att_kl = outputs["attention_kl"][:, 1:].mean() if t > 1 else recon.new_zeros(())
+        att_dyn = outputs["attention_dynamics"][:, 1:].mean() if t > 1 else recon.new_zeros(())
+        att_div = outputs["attention_diversity"].mean()
+        attention_loss = beta * att_kl + lambda_att_dyn * att_dyn + lambda_div * att_div
+
+        z_cond = outputs["latents"].detach()
+        fake = self.discriminator(outputs["reconstructions"], z_cond)
+        with torch.no_grad():
+            real_feats = self.discriminator(x, z_cond)["features"]
+        adv = generator_loss(fake, c.disc_loss) + c.feature_matching_weight * feature_matching_loss(
+            real_feats, fake["features"])
+
+        losses = {
+            "total_vae_loss": total_vae, "perceiver_loss": perceiver_loss, "attention_loss": attention_loss,
+            "adversarial_loss": adversarial_weight * adv,
+            "recon_loss": recon, "kl_z": kl_z, "kl_sticks": kl_sticks, "kl_alpha": kl_alpha,
+            "hierarchical_kl": kl_sticks + kl_alpha, "cluster_entropy": entropy, "attention_kl": att_kl,
+            "attention_dynamics_loss": att_dyn, "attention_diversity": att_div, "gram_enc_loss": gram,
+            "bits_per_dim": (recon + kl_z + kl_sticks + kl_alpha) / math.log(2.0),
+            "K_eff": outputs["K_eff"].mean(), "active_components": outputs["active_components"].mean(),
+            "adversarial_raw": adv.detach(), "fake_score": fake["frame_scores"].detach().mean(),
+        }
+        for key in ("recon", "commitment", "next_token_ce", "accuracy"):
+            if key in perc:
+                losses[f"perceiver_{key}"] = perc[key]
+        return losses, outputs
+
+    def discriminator_loss(self, observations: Any, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The discriminator's own loss: real windows vs. the detached reconstructions, both conditioned on
+        the detached latents; plus gp_weight * gradient penalty for ``disc_loss="wgan-gp"``."""
+        x = self._prepare_observations(observations)
+        z = outputs["latents"].detach()
+        fake_x = outputs["reconstructions"].detach()
+        real, fake = self.discriminator(x, z), self.discriminator(fake_x, z)
+        loss = discriminator_loss(real, fake, self.config.disc_loss)
+        result = {"real_score": real["frame_scores"].detach().mean(), "fake_score": fake["frame_scores"].detach().mean()}
+        if self.config.disc_loss == "wgan-gp":
+            gp = gradient_penalty(self.discriminator, x, fake_x, z)
+            loss = loss + self.config.gp_weight * gp
+            result["gradient_penalty"] = gp.detach()
+        result["disc_loss"] = loss
+        return result
+
+    # ---------------------------------------------------------------------------------------------- inference
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode and no autograd for the duration, then the previous mode back."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    def encode(self, observations: Any, actions: Any, generator: torch.Generator | None = None) -> Tensor:
+        """Posterior means z_t [B, T, D] of a window (filtering; no decoder, no losses)."""
+        x = self._prepare_observations(observations)
+        a = self._prepare_actions(actions, *x.shape[:2])
+        with self._inference():
+            steps, _, _ = self._observe_loop(x, a, None, generator, perceiver_loss=False)
+        return steps["z_mean"]
+
+    def extract_context(self, observations: Any) -> Tensor:
+        """The Perceiver context c_t [B, T, C] (causal, differentiable)."""
+        return self.perceiver.extract_context(self._prepare_observations(observations))
+
+    def generate_future_sequence(self, context_obs: Any, context_actions: Any, future_actions: Any,
+                                 temperature: float = 1.0, generator: torch.Generator | None = None,
+                                 ) -> dict[str, Tensor]:
+        """Imagine F frames after T0 observed ones (MODEL.md §4).
+
+        context_obs [B, T0, 3, 64, 64], context_actions [B, T0, A] (the last one leads to the first imagined
+        frame), future_actions [B, F, A] (future_actions[:, j] is taken after imagined frame j). Each future
+        step samples z_t from the prior at ``temperature`` (0: mean of the most probable component),
+        decodes the mean image, extends the Perceiver's frames with it for c_t, runs the attention posterior
+        on it for s_t and advances h. Runs in eval mode without gradients; weights are left untouched.
+
+        Returns frames [B, F, 3, 64, 64] in [-1, 1], latents [B, F, D], pi [B, F, K], attention_maps
+        [B, F, R, R] (posterior on the imagined frames), attention_prior_maps [B, F, R, R].
+        """
+        x = self._prepare_observations(context_obs, "context_obs")
+        b, t0 = x.shape[:2]
+        a_ctx = self._prepare_actions(context_actions, b, t0, "context_actions")
+        if not isinstance(future_actions, Tensor) or future_actions.dim() != 3 or future_actions.shape[0] != b:
+            shape = tuple(future_actions.shape) if isinstance(future_actions, Tensor) else type(future_actions).__name__
+            raise ValueError(f"future_actions must have shape [B={b}, F, A={self.action_dim}], got {shape}")
+        a_fut = self._prepare_actions(future_actions, b, future_actions.shape[1], "future_actions")
+        window = self.config.perceiver_max_seq_len
+        with self._inference():
+            _, state, _ = self._observe_loop(x, a_ctx, None, generator, perceiver_loss=False)
+            video, out = x, {k: [] for k in ("frames", "latents", "pi", "attention_maps", "attention_prior_maps")}
+            for j in range(a_fut.shape[1]):
+                params, att_prior = self.cell.prior_step(state)
+                z, pi = self.cell.prior.sample(params, temperature, generator)
+                frame = self.likelihood.mean(self.decoder(torch.cat([z, state.h], -1), att_prior["map"]))
+                video = torch.cat([video, frame.unsqueeze(1)], dim=1)[:, -window:]
+                context = self.perceiver.extract_context(video)[:, -1]
+                att = self.cell.attention.posterior_step(self.cell.attention.encode_features(frame), state.h, context)
+                state = self.cell.advance(state, z, a_fut[:, j], context, att["state"], att["map"], att["center"])
+                for key, value in (("frames", frame), ("latents", z), ("pi", pi), ("attention_maps", att["map"]),
+                                   ("attention_prior_maps", att_prior["map"])):
+                    out[key].append(value)
+        return {k: torch.stack(v, dim=1) for k, v in out.items()}
+
+    def predict_future(self, context_obs: Any, context_actions: Any, future_actions: Any,
+                       temperature: float = 1.0, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Alias of ``generate_future_sequence``."""
+        return self.generate_future_sequence(context_obs, context_actions, future_actions, temperature, generator)
