@@ -64,7 +64,7 @@ USAGE_THRESHOLD = 0.01    # a component counts as used when its mean prior weigh
 # also kept under "losses".
 ELBO_KEYS = ("recon_loss", "kl_z", "kl_sticks", "kl_alpha", "hierarchical_kl", "cluster_entropy",
              "bits_per_dim", "K_eff", "total_vae_loss", "perceiver_loss", "attention_loss",
-             "adversarial_loss", "attention_kl")
+             "adversarial_loss", "attention_kl", "active_components")
 # Where the Perceiver's next-token accuracy may sit in the losses dict (first present wins).
 ACCURACY_KEYS = ("perceiver_accuracy", "perceiver_next_token_accuracy", "next_token_accuracy", "accuracy")
 HORIZON_KEYS = ("pred_psnr", "pred_ssim", "copy_last_psnr", "copy_last_ssim", "mean_frame_psnr",
@@ -303,6 +303,21 @@ def _first(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if x is None else x[0].detach().float().cpu()
 
 
+def _plot_batch(batch) -> Mapping[str, torch.Tensor]:
+    """A batch dict as it is, or the first window of a dataset / first batch of a loader."""
+    if isinstance(batch, Mapping):
+        return batch
+    if isinstance(batch, Dataset) and hasattr(batch, "__len__"):
+        if len(batch) == 0:
+            raise ValueError("cannot plot from an empty dataset")
+        return {k: v.unsqueeze(0) if isinstance(v, torch.Tensor) else v for k, v in batch[0].items()}
+    if isinstance(batch, Iterable):
+        first = next(iter(batch), None)
+        if isinstance(first, Mapping):
+            return first
+    raise ValueError(f"expected a batch dict, a dataset or a loader of batch dicts, got {type(batch).__name__}")
+
+
 @torch.no_grad()
 def make_evaluation_plots(model: nn.Module, batch: Mapping[str, torch.Tensor], eval_dict: Mapping[str, Any],
                           out_dir: str | Path, visualize_attention: bool = True,
@@ -310,7 +325,8 @@ def make_evaluation_plots(model: nn.Module, batch: Mapping[str, torch.Tensor], e
     """Write every evaluation figure for the first window of ``batch``; returns {name: path}.
 
     model: the world model (or a ModelEMA / DDP wrapper). batch: ``observations [B,L,3,64,64]``,
-    ``actions [B,L,A]`` with L >= T0 + F (e.g. one batch of the eval loader). eval_dict: the result of
+    ``actions [B,L,A]`` with L >= T0 + F (e.g. one batch of the eval loader), or the eval dataset / loader
+    itself (its first window / batch is drawn). eval_dict: the result of
     ``evaluate`` (PSNR-vs-horizon figure, component usage). metrics_path: the run's metrics.jsonl for
     the loss and gradient-cosine curves (default: ``out_dir/../metrics.jsonl`` when it exists).
     Figures: loss_curves, grad_cosines (when the metrics have them), reconstruction, open_loop,
@@ -324,6 +340,7 @@ def make_evaluation_plots(model: nn.Module, batch: Mapping[str, torch.Tensor], e
     net = _unwrap(model)
     config = net.config
     device = next(net.parameters()).device
+    batch = _plot_batch(batch)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0, horizon = int(config.eval_context_frames), int(config.eval_horizon)
