@@ -214,6 +214,9 @@ class AttentionSchema(nn.Module):
         self.features = FeaturePyramid(image_size, resolution, slot_dim, feature_channels or slot_dim)
         self.slot_seed = nn.Sequential(nn.Linear(hidden_dim + context_dim, 2 * slot_dim), nn.SiLU(),
                                        nn.Linear(2 * slot_dim, num_slots * slot_dim))
+        # A learned per-slot offset breaks the symmetry between slots that random initial slots break in
+        # Locatello et al.; the seed MLP then moves the slots with the recurrent state.
+        self.slot_embedding = nn.Parameter(torch.randn(num_slots, slot_dim))
         self.slot_attention = SlotAttention(slot_dim, iterations)
         self.fusion_head = _MLP(slot_dim + hidden_dim, slot_dim, 1)
         self.state_head = nn.Sequential(nn.Linear(slot_dim + 2, 2 * attention_dim), nn.SiLU(),
@@ -269,7 +272,7 @@ class AttentionSchema(nn.Module):
         self._check_vector(h, b, self.hidden_dim, "h")
         self._check_vector(c, b, self.context_dim, "c")
         s, r = self.num_slots, self.resolution
-        slots = self.slot_seed(torch.cat([h, c], dim=-1)).reshape(b, s, self.slot_dim)
+        slots = self.slot_seed(torch.cat([h, c], dim=-1)).reshape(b, s, self.slot_dim) + self.slot_embedding
         slots, attn = self.slot_attention(feats, slots)
         fusion_logits = self.fusion_head(torch.cat([slots, h.unsqueeze(1).expand(b, s, -1)], dim=-1)).squeeze(-1)
         weights = fusion_logits.softmax(dim=-1)
