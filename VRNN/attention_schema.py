@@ -234,6 +234,16 @@ class AttentionSchema(nn.Module):
         self.register_buffer("grid", grid, persistent=False)                      # [R*R, 2]
         self.register_buffer("grid_image", grid.t().reshape(1, 2, resolution, resolution), persistent=False)
 
+    @classmethod
+    def from_config(cls, config, **overrides) -> "AttentionSchema":
+        """Build from an ``AIMEConfig`` (hidden/context/latent/attention dims, attention_resolution,
+        num_slots, slot_dim, slot_iterations, image_size); keyword overrides win."""
+        kwargs = dict(hidden_dim=config.hidden_dim, context_dim=config.context_dim, latent_dim=config.latent_dim,
+                      attention_dim=config.attention_dim, resolution=config.attention_resolution,
+                      num_slots=config.num_slots, slot_dim=config.slot_dim, iterations=config.slot_iterations,
+                      image_size=config.image_size)
+        return cls(**{**kwargs, **overrides})
+
     # ------------------------------------------------------------------------------------------------
     def initial_map(self, batch_size: int) -> Tensor:
         """The uniform map [B, R, R] (each entry 1/R^2), the A_0 the prior sees at t = 1."""

@@ -146,6 +146,15 @@ class TemporalDiscriminator(nn.Module):
         self.frame_head = _maybe_sn(nn.Linear(channels, 1), spectral_norm)
         self.sequence_head = _maybe_sn(nn.Linear(channels, 1), spectral_norm)
 
+    @classmethod
+    def from_config(cls, config, **overrides) -> "TemporalDiscriminator":
+        """Build from an ``AIMEConfig`` (latent_dim, disc_channels, img_disc_layers, disc_num_heads,
+        image_size); keyword overrides (e.g. ``spectral_norm=True``) win."""
+        kwargs = dict(latent_dim=config.latent_dim, channels=config.disc_channels,
+                      num_layers=config.img_disc_layers, num_heads=config.disc_num_heads,
+                      image_size=config.image_size)
+        return cls(**{**kwargs, **overrides})
+
     def forward(self, x: Tensor, z: Tensor) -> Dict[str, Union[Tensor, List[Tensor]]]:
         """Score a window.
 

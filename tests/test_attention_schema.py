@@ -211,3 +211,17 @@ def test_prior_learns_a_shift_and_its_motion():
         opt.step()
     assert kl.item() < 0.1 * first_kl
     torch.testing.assert_close(prior["motion"].mean(0).detach(), torch.tensor([0.25, 0.0]), atol=0.08, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu"])
+def test_from_config(preset):
+    from VRNN.aime_config import AIMEConfig
+
+    cfg = AIMEConfig.preset(preset)
+    m = AttentionSchema.from_config(cfg)
+    r = cfg.attention_resolution
+    feats = m.encode_features(torch.zeros(1, 3, 64, 64))
+    post = m.posterior_step(feats, torch.zeros(1, cfg.hidden_dim), torch.zeros(1, cfg.context_dim))
+    assert post["slot_maps"].shape == (1, cfg.num_slots, r, r) and post["state"].shape == (1, cfg.attention_dim)
+    prior = m.prior_step(post["map"], torch.zeros(1, cfg.hidden_dim), torch.zeros(1, cfg.latent_dim))
+    assert prior["map"].shape == (1, r, r)

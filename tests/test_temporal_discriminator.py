@@ -148,3 +148,13 @@ def test_bad_inputs_raise():
         feature_matching_loss(out["features"], out["features"][:1])
     with pytest.raises(ValueError, match="equal shape"):
         gradient_penalty(d, x, x[:1], z)
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu"])
+def test_from_config(preset):
+    from VRNN.aime_config import AIMEConfig
+
+    cfg = AIMEConfig.preset(preset)
+    d = TemporalDiscriminator.from_config(cfg)
+    out = d(torch.zeros(1, 2, 3, 64, 64), torch.zeros(1, 2, cfg.latent_dim))
+    assert out["frame_scores"].shape == (1, 2) and len(out["features"]) == cfg.img_disc_layers + 1
