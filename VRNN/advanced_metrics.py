@@ -38,21 +38,20 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "psnr_per_image",
-    "psnr",
-    "ssim_per_image",
-    "ssim",
-    "gaussian_window",
     "frechet_distance",
+    "fvd",
+    "gaussian_window",
     "lpips_available",
     "lpips_per_image",
-    "fvd",
+    "psnr",
+    "psnr_per_image",
+    "ssim",
+    "ssim_per_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,7 +67,8 @@ SSIM_K2 = 0.03
 # Input checks
 def _check_pair(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> None:
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise ValueError(f"expected two torch tensors, got {type(pred).__name__} and {type(target).__name__}")
+        raise ValueError(  # noqa: TRY004  (the project raises ValueError at public boundaries)
+            f"expected two torch tensors, got {type(pred).__name__} and {type(target).__name__}")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
                          f"{tuple(target.shape)}")
@@ -204,7 +204,7 @@ _LPIPS_BACKBONE_FILE = "alexnet-owt-7be5be79.pth"   # torchvision's AlexNet weig
 @functools.lru_cache(maxsize=1)
 def _lpips_model():
     try:
-        import lpips  # noqa: F401  (optional dependency)
+        import lpips
     except ImportError:
         _skip_once("LPIPS", "the 'lpips' package is not installed")
         return None
@@ -224,7 +224,7 @@ def lpips_available() -> bool:
 
 
 @torch.no_grad()
-def lpips_per_image(pred: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+def lpips_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
     """LPIPS (AlexNet) distance of each image; pred, target in [-1,1], [..., 3, H, W] -> [...], or None."""
     _check_pair(pred, target, 2.0)
     model = _lpips_model()
@@ -237,7 +237,7 @@ def lpips_per_image(pred: torch.Tensor, target: torch.Tensor) -> Optional[torch.
 
 
 @torch.no_grad()
-def fvd(pred_videos: torch.Tensor, true_videos: torch.Tensor, i3d_path: str | None = None) -> Optional[float]:
+def fvd(pred_videos: torch.Tensor, true_videos: torch.Tensor, i3d_path: str | None = None) -> float | None:
     """Fréchet Video Distance between two sets of videos [B, T, 3, H, W] in [-1, 1], or None.
 
     Needs a TorchScript I3D feature extractor (the one distributed with StyleGAN-V / the original FVD

@@ -33,8 +33,9 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,13 +45,13 @@ from tqdm.auto import tqdm
 from VRNN.advanced_metrics import lpips_available, lpips_per_image, psnr_per_image, ssim_per_image
 
 __all__ = [
-    "PSNR_CAP_DB",
     "DATA_RANGE",
+    "PSNR_CAP_DB",
     "USAGE_THRESHOLD",
     "eval_sequence_length",
     "evaluate",
-    "scalar_metrics",
     "make_evaluation_plots",
+    "scalar_metrics",
     "write_report",
 ]
 
@@ -101,9 +102,14 @@ def _eval_mode(model: nn.Module):
 
 @contextlib.contextmanager
 def _forked_rng(device: torch.device, seed: int):
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    """Private RNG streams (CPU and the model's GPU), seeded with ``seed``; the caller's are restored after."""
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)      # this device only: other GPUs' streams are not forked
         yield
 
 
@@ -114,7 +120,7 @@ def _to_unit_range(obs: torch.Tensor) -> torch.Tensor:
     return obs.float()
 
 
-def _batches(data, max_windows: int, batch_size: int, generator: Optional[torch.Generator]) -> tuple[Iterable, int]:
+def _batches(data, max_windows: int, batch_size: int, generator: torch.Generator | None) -> tuple[Iterable, int]:
     """Batches of at most ``max_windows`` windows from a map-style dataset or an iterable of batch dicts.
 
     From a dataset: ``max_windows`` windows evenly spaced over the dataset (the same ones at every
@@ -136,13 +142,13 @@ def _batches(data, max_windows: int, batch_size: int, generator: Optional[torch.
     raise ValueError(f"expected a Dataset or an iterable of batch dicts, got {type(data).__name__}")
 
 
-def _progress_enabled(progress: Optional[bool]) -> bool:
+def _progress_enabled(progress: bool | None) -> bool:
     if progress is not None:
         return progress
     return sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0
 
 
-def _scalar(value) -> Optional[float]:
+def _scalar(value) -> float | None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             return None
@@ -152,7 +158,7 @@ def _scalar(value) -> Optional[float]:
     return None
 
 
-def _json_float(x: float) -> Optional[float]:
+def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
@@ -160,8 +166,8 @@ def _json_float(x: float) -> Optional[float]:
 # Evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset_or_loader, config=None, device: torch.device | str | None = None,
-             max_windows: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             ema: Optional[nn.Module] = None, progress: Optional[bool] = None) -> dict[str, Any]:
+             max_windows: int | None = None, generator: torch.Generator | None = None,
+             ema: nn.Module | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Evaluate on held-out windows; returns a JSON-serialisable dict (keys in docs/EVALUATION.md).
 
     model: the world model (``ema``, a ``ModelEMA`` or its ``.module``, is evaluated instead when given).
@@ -192,11 +198,12 @@ def evaluate(model: nn.Module, dataset_or_loader, config=None, device: torch.dev
     lpips_sum = torch.zeros(horizon, dtype=torch.float64) if lpips_available() else None
     recon_psnr = recon_ssim = 0.0
     recon_frames = 0
-    usage_sum: Optional[torch.Tensor] = None
+    usage_sum: torch.Tensor | None = None
     usage_count = 0
-    loss_kwargs = dict(beta=config.beta, entropy_weight=config.entropy_weight, lambda_recon=config.lambda_recon,
-                       lambda_att_dyn=config.lambda_att_dyn, lambda_gram=config.lambda_gram,
-                       adversarial_weight=1.0)
+    # The config's final weights and the full adversarial weight (no warm-up factors at evaluation).
+    loss_kwargs = {"beta": config.beta, "entropy_weight": config.entropy_weight,
+                   "lambda_recon": config.lambda_recon, "lambda_att_dyn": config.lambda_att_dyn,
+                   "lambda_gram": config.lambda_gram, "adversarial_weight": 1.0}
 
     bar = tqdm(total=expected, desc="eval", unit="win", disable=not _progress_enabled(progress), leave=False)
     with _eval_mode(net), _forked_rng(device, seed):
@@ -299,7 +306,7 @@ def scalar_metrics(eval_dict: Mapping[str, Any], prefix: str = "eval/") -> dict[
 
 # --------------------------------------------------------------------------------------------------
 # Figures
-def _first(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _first(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x[0].detach().float().cpu()
 
 
@@ -358,7 +365,7 @@ def make_evaluation_plots(model: nn.Module, batch: Mapping[str, torch.Tensor], e
     pred = future["frames"][0].float().clamp(-1, 1).cpu()
     context = obs[0, :t0].cpu()
 
-    paths: dict[str, Optional[Path]] = {}
+    paths: dict[str, Path | None] = {}
     metrics_path = Path(metrics_path) if metrics_path is not None else out_dir.parent / "metrics.jsonl"
     rows = read_metrics(metrics_path)
     if rows:
@@ -412,17 +419,17 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
               + f"; {e.get('num_windows')} held-out windows"
               + (" (EMA weights)" if e.get("used_ema") else "") + ".",
               "",
-              f"Model: latent D={config.latent_dim}, K={config.max_components} components, hidden "
+              (f"Model: latent D={config.latent_dim}, K={config.max_components} components, hidden "
               f"H={config.hidden_dim}, context C={config.context_dim}, likelihood `{config.likelihood}`, "
               f"trained on windows of T={config.sequence_length}. Open loop: observe T0="
               f"{e.get('context_frames')} frames, imagine F={e.get('horizon')} from the recorded actions "
-              "(temperature 0). Full config: `config.json`.", ""]
+              "(temperature 0). Full config: `config.json`."), ""]
 
     lines += ["## Open-loop prediction", "",
-              "PSNR in dB and SSIM (data range 2, frames in [-1, 1]) at each step after the last observed "
-              "frame, against two baselines on the same windows. Bold: best of the three.", "",
-              "| step | model PSNR | copy-last PSNR | mean-frame PSNR | model SSIM | copy-last SSIM "
-              "| mean-frame SSIM |", "|---:|---:|---:|---:|---:|---:|---:|"]
+              ("PSNR in dB and SSIM (data range 2, frames in [-1, 1]) at each step after the last observed "
+              "frame, against two baselines on the same windows. Bold: best of the three."), "",
+              ("| step | model PSNR | copy-last PSNR | mean-frame PSNR | model SSIM | copy-last SSIM "
+              "| mean-frame SSIM |"), "|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cells(j, metric, spec):
         values = [e[f"{name}_{metric}"][j] if j is not None else e[f"{name}_{metric}_mean"]
@@ -443,8 +450,8 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
     lines += _image(run_dir, plot_paths, "rollout_gif", "Open-loop rollout, truth | model")
 
     lines += ["## Reconstruction and the ELBO", "",
-              f"Posterior reconstruction: PSNR {_fmt(e.get('recon_psnr'), '.2f')} dB, SSIM "
-              f"{_fmt(e.get('recon_ssim'), '.3f')}.", "",
+              (f"Posterior reconstruction: PSNR {_fmt(e.get('recon_psnr'), '.2f')} dB, SSIM "
+              f"{_fmt(e.get('recon_ssim'), '.3f')}."), "",
               "| term | value (nats per dimension) |", "|---|---:|"]
     for key, label in (("recon_loss", "reconstruction −log p(x \\| z)"), ("kl_z", "KL_z"),
                        ("kl_sticks", "KL sticks (Kumaraswamy ‖ Beta)"), ("kl_alpha", "KL α (Gamma)"),
@@ -457,8 +464,8 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
 
     usage = e.get("component_usage") or []
     lines += ["## Mixture components", "",
-              f"K_eff = {_fmt(e.get('K_eff'), '.3f')}; {e.get('components_used')} of {len(usage)} components "
-              f"have mean prior weight above {USAGE_THRESHOLD}.", ""]
+              (f"K_eff = {_fmt(e.get('K_eff'), '.3f')}; {e.get('components_used')} of {len(usage)} components "
+              f"have mean prior weight above {USAGE_THRESHOLD}."), ""]
     if usage:
         lines += ["| component | " + " | ".join(str(k) for k in range(len(usage))) + " |",
                   "|---|" + "---:|" * len(usage),

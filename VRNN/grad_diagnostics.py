@@ -21,20 +21,20 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import torch
 
 __all__ = [
-    "TASK_NAMES",
     "TASK_LOSS_KEYS",
-    "gradient_norms_and_cosines",
-    "per_task_gradients",
-    "stats_from_rgb_diagnostics",
+    "TASK_NAMES",
     "GradDiagnostics",
     "cosine_records_from_metrics",
+    "gradient_norms_and_cosines",
+    "per_task_gradients",
     "plot_gradient_cosines",
+    "stats_from_rgb_diagnostics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ def _as_tensor(value) -> torch.Tensor:
 def stats_from_rgb_diagnostics(diagnostics: Mapping[str, object]) -> tuple[torch.Tensor, torch.Tensor]:
     """(norms [T], cosines [T, T]) from an aggregator's ``backward`` diagnostics dict.
 
-    Tasks marked inactive (``active [T]`` False, or a zero norm) get NaN cosines. Looks for the usual key names (``grad_norms``/``norms``..., ``cosines``/``pairwise_cosines``...);
-    when only a ``grads [T, D]`` matrix is there, computes both from it.
+    Looks for the usual key names (``grad_norms``/``norms``..., ``cosines``/``pairwise_cosines``...);
+    when only a ``grads [T, D]`` matrix is there, computes both from it. Tasks marked inactive
+    (``active [T]`` False, or a zero norm) get NaN cosines.
     """
     norms = next((diagnostics[k] for k in _NORM_KEYS if k in diagnostics), None)
     cos = next((diagnostics[k] for k in _COS_KEYS if k in diagnostics), None)

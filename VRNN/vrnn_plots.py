@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,14 +19,14 @@ import torch
 from VRNN.metrics_log import read_metrics
 
 __all__ = [
-    "to_uint8_frames",
+    "plot_attention_maps",
     "plot_loss_curves",
-    "plot_reconstruction_grid",
+    "plot_mixture_weights",
     "plot_open_loop_grid",
     "plot_psnr_vs_horizon",
-    "plot_mixture_weights",
-    "plot_attention_maps",
+    "plot_reconstruction_grid",
     "save_rollout_gif",
+    "to_uint8_frames",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ LOSS_PANELS: dict[str, tuple[str, ...]] = {
 
 
 def plot_loss_curves(metrics: str | Path | Iterable[Mapping], path: str | Path,
-                     panels: Mapping[str, Sequence[str]] = LOSS_PANELS) -> Optional[Path]:
+                     panels: Mapping[str, Sequence[str]] = LOSS_PANELS) -> Path | None:
     """One subplot per panel of metric keys against ``step``; metrics: a metrics.jsonl path or its rows."""
     rows = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
     series: dict[str, tuple[list, list]] = {}
@@ -206,7 +206,7 @@ def plot_open_loop_grid(truth, prediction, path: str | Path, context=None, max_f
 
 # --------------------------------------------------------------------------------------------------
 # Numbers against the horizon
-def plot_psnr_vs_horizon(eval_dict: Mapping[str, object], path: str | Path) -> Optional[Path]:
+def plot_psnr_vs_horizon(eval_dict: Mapping[str, object], path: str | Path) -> Path | None:
     """PSNR (and SSIM when present) per imagined step: model vs copy-last-frame and mean-frame baselines."""
     curves = {"psnr": [("model", "pred_psnr"), ("copy last frame", "copy_last_psnr"),
                        ("mean frame", "mean_frame_psnr")],
@@ -218,8 +218,8 @@ def plot_psnr_vs_horizon(eval_dict: Mapping[str, object], path: str | Path) -> O
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    styles = {"model": dict(marker="o", linewidth=2), "copy last frame": dict(linestyle="--", marker="s"),
-              "mean frame": dict(linestyle=":", marker="^")}
+    styles = {"model": {"marker": "o", "linewidth": 2}, "copy last frame": {"linestyle": "--", "marker": "s"},
+              "mean frame": {"linestyle": ":", "marker": "^"}}
     for ax, (metric, lines) in zip(axes.flat, panels):
         for label, values in lines:
             ax.plot(np.arange(1, len(values) + 1), values, label=label, **styles[label])
@@ -234,7 +234,7 @@ def plot_psnr_vs_horizon(eval_dict: Mapping[str, object], path: str | Path) -> O
 
 # --------------------------------------------------------------------------------------------------
 # Mixture weights
-def plot_mixture_weights(pi, path: str | Path, usage: Optional[Sequence[float]] = None,
+def plot_mixture_weights(pi, path: str | Path, usage: Sequence[float] | None = None,
                          threshold: float = 0.01) -> Path:
     """Left: stacked area of the prior's weights pi_k over time for one sequence; right: component usage.
 
@@ -251,7 +251,7 @@ def plot_mixture_weights(pi, path: str | Path, usage: Optional[Sequence[float]] 
     if u.shape != (k,):
         raise ValueError(f"usage must have one value per component ({k}), got shape {u.shape}")
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw=dict(width_ratios=[2, 1]))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [2, 1]})
     t = np.arange(p.shape[1])
     colors = plt.get_cmap("tab20")(np.arange(k) % 20)
     ax1.stackplot(t, p[0].T, labels=[f"k={i}" for i in range(k)], colors=colors)

@@ -1,5 +1,6 @@
 """PSNR / SSIM against scikit-image, their fixed points and monotonicity; the Fréchet distance."""
 
+import itertools
 import math
 
 import numpy as np
@@ -72,8 +73,8 @@ def test_monotonic_in_noise():
         y = x + sigma * n
         ps.append(float(psnr(y, x)))
         ss.append(float(ssim(y, x)))
-    assert all(a > b for a, b in zip(ps, ps[1:]))
-    assert all(a > b for a, b in zip(ss, ss[1:]))
+    assert all(a > b for a, b in itertools.pairwise(ps))
+    assert all(a > b for a, b in itertools.pairwise(ss))
 
 
 def test_known_psnr_value():
