@@ -32,13 +32,12 @@ Losses (all per example, shape [B]; the caller averages and weights them once)
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AttentionSchema", "SlotAttention", "upsample_map", "center_of_mass", "coordinate_grid"]
+__all__ = ["AttentionSchema", "SlotAttention", "center_of_mass", "coordinate_grid", "upsample_map"]
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -112,7 +111,8 @@ class FeaturePyramid(nn.Module):
                              "power of two >= 2 (e.g. 8 or 16 for 64 x 64 frames)")
         self.resolution = resolution
         n_down = int(math.log2(ratio))
-        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), _group_norm(channels), nn.SiLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), _group_norm(channels),
+                                  nn.SiLU())
         self.stages = nn.ModuleList()
         widths = [channels]
         for i in range(n_down - 1):
@@ -145,7 +145,7 @@ class SlotAttention(nn.Module):
     the last round's attention, a softmax over the S slots (columns sum to 1).
     """
 
-    def __init__(self, dim: int, iterations: int, hidden: Optional[int] = None, eps: float = 1e-8):
+    def __init__(self, dim: int, iterations: int, hidden: int | None = None, eps: float = 1e-8):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"slot attention iterations={iterations} is invalid: expected at least 1")
@@ -198,11 +198,12 @@ class AttentionSchema(nn.Module):
 
     def __init__(self, hidden_dim: int, context_dim: int, latent_dim: int, attention_dim: int,
                  resolution: int = 16, num_slots: int = 4, slot_dim: int = 64, iterations: int = 3,
-                 image_size: int = 64, feature_channels: Optional[int] = None,
-                 prior_channels: Optional[int] = None, max_motion: float = 2.0):
+                 image_size: int = 64, feature_channels: int | None = None,
+                 prior_channels: int | None = None, max_motion: float = 2.0):
         super().__init__()
-        for name, value in (("hidden_dim", hidden_dim), ("context_dim", context_dim), ("latent_dim", latent_dim),
-                            ("attention_dim", attention_dim), ("num_slots", num_slots), ("slot_dim", slot_dim)):
+        sizes = {"hidden_dim": hidden_dim, "context_dim": context_dim, "latent_dim": latent_dim,
+                 "attention_dim": attention_dim, "num_slots": num_slots, "slot_dim": slot_dim}
+        for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"AttentionSchema {name}={value} is invalid: expected a positive integer")
         self.hidden_dim, self.context_dim, self.latent_dim = hidden_dim, context_dim, latent_dim
@@ -226,7 +227,8 @@ class AttentionSchema(nn.Module):
         pc = prior_channels or slot_dim
         self.prior_in = nn.Conv2d(3, pc, 3, padding=1)
         self.prior_film = _MLP(hidden_dim + latent_dim, pc, 2 * pc)
-        self.prior_body = nn.Sequential(nn.SiLU(), nn.Conv2d(pc, pc, 3, padding=1), _group_norm(pc), nn.SiLU(),
+        self.prior_body = nn.Sequential(nn.SiLU(), nn.Conv2d(pc, pc, 3, padding=1), _group_norm(pc),
+                                        nn.SiLU(),
                                         nn.Conv2d(pc, pc, 3, padding=1), nn.SiLU())
         self.prior_logits = nn.Conv2d(pc, 1, 1)
         self.motion_head = _MLP(pc + hidden_dim + latent_dim + 2, pc, 2)
@@ -235,13 +237,14 @@ class AttentionSchema(nn.Module):
         self.register_buffer("grid_image", grid.t().reshape(1, 2, resolution, resolution), persistent=False)
 
     @classmethod
-    def from_config(cls, config, **overrides) -> "AttentionSchema":
+    def from_config(cls, config, **overrides) -> AttentionSchema:
         """Build from an ``AIMEConfig`` (hidden/context/latent/attention dims, attention_resolution,
         num_slots, slot_dim, slot_iterations, image_size); keyword overrides win."""
-        kwargs = dict(hidden_dim=config.hidden_dim, context_dim=config.context_dim, latent_dim=config.latent_dim,
-                      attention_dim=config.attention_dim, resolution=config.attention_resolution,
-                      num_slots=config.num_slots, slot_dim=config.slot_dim, iterations=config.slot_iterations,
-                      image_size=config.image_size)
+        kwargs = {"hidden_dim": config.hidden_dim, "context_dim": config.context_dim,
+                  "latent_dim": config.latent_dim, "attention_dim": config.attention_dim,
+                  "resolution": config.attention_resolution, "num_slots": config.num_slots,
+                  "slot_dim": config.slot_dim, "iterations": config.slot_iterations,
+                  "image_size": config.image_size}
         return cls(**{**kwargs, **overrides})
 
     # ------------------------------------------------------------------------------------------------
@@ -254,7 +257,8 @@ class AttentionSchema(nn.Module):
         """Feature pyramid, batched over frames: [N, 3, 64, 64] in [-1, 1] -> [N, R*R, slot_dim]."""
         s = self.image_size
         if frames.dim() != 4 or tuple(frames.shape[1:]) != (3, s, s):
-            raise ValueError(f"encode_features expects frames [N, 3, {s}, {s}], got shape {tuple(frames.shape)}")
+            raise ValueError(f"encode_features expects frames [N, 3, {s}, {s}], "
+                             f"got shape {tuple(frames.shape)}")
         if not frames.is_floating_point():
             raise ValueError(f"encode_features expects float frames in [-1, 1], got dtype {frames.dtype}")
         return self.features(frames)
@@ -262,12 +266,14 @@ class AttentionSchema(nn.Module):
     def encode_sequence(self, frames: Tensor) -> Tensor:
         """Convenience: [B, T, 3, 64, 64] -> [B, T, R*R, slot_dim] with one batched pyramid pass."""
         if frames.dim() != 5:
-            raise ValueError(f"encode_sequence expects frames [B, T, 3, H, W], got shape {tuple(frames.shape)}")
+            raise ValueError(f"encode_sequence expects frames [B, T, 3, H, W], "
+                             f"got shape {tuple(frames.shape)}")
         b, t = frames.shape[:2]
-        return self.encode_features(frames.reshape(b * t, *frames.shape[2:])).reshape(b, t, self.num_positions, -1)
+        feats = self.encode_features(frames.reshape(b * t, *frames.shape[2:]))
+        return feats.reshape(b, t, self.num_positions, -1)
 
     # ------------------------------------------------------------------------------------------------
-    def posterior_step(self, feats: Tensor, h: Tensor, c: Tensor) -> Dict[str, Tensor]:
+    def posterior_step(self, feats: Tensor, h: Tensor, c: Tensor) -> dict[str, Tensor]:
         """Bottom-up attention at one step.
 
         Args:
@@ -284,16 +290,16 @@ class AttentionSchema(nn.Module):
         s, r = self.num_slots, self.resolution
         slots = self.slot_seed(torch.cat([h, c], dim=-1)).reshape(b, s, self.slot_dim) + self.slot_embedding
         slots, attn = self.slot_attention(feats, slots)
-        fusion_logits = self.fusion_head(torch.cat([slots, h.unsqueeze(1).expand(b, s, -1)], dim=-1)).squeeze(-1)
-        weights = fusion_logits.softmax(dim=-1)
+        fusion_in = torch.cat([slots, h.unsqueeze(1).expand(b, s, -1)], dim=-1)
+        weights = self.fusion_head(fusion_in).squeeze(-1).softmax(dim=-1)
         fused = torch.einsum("bs,bsn->bn", weights, attn)
         fused = fused / fused.sum(dim=-1, keepdim=True)
         center = fused @ self.grid
         state = self.state_head(torch.cat([slots.mean(dim=1), center], dim=-1))
-        return dict(map=fused.reshape(b, r, r), slot_maps=attn.reshape(b, s, r, r), slot_features=slots,
-                    fusion_weights=weights, center=center, state=state)
+        return {"map": fused.reshape(b, r, r), "slot_maps": attn.reshape(b, s, r, r), "slot_features": slots,
+                "fusion_weights": weights, "center": center, "state": state}
 
-    def prior_step(self, prev_map: Tensor, h: Tensor, z_prev: Tensor) -> Dict[str, Tensor]:
+    def prior_step(self, prev_map: Tensor, h: Tensor, z_prev: Tensor) -> dict[str, Tensor]:
         """Top-down prediction p(A_t | A_{t-1}, h_t, z_{t-1}).
 
         Args:
@@ -309,7 +315,8 @@ class AttentionSchema(nn.Module):
         self._check_vector(h, b, self.hidden_dim, "h")
         self._check_vector(z_prev, b, self.latent_dim, "z_prev")
         # R*R*A: the uniform map becomes all ones, whatever R is.
-        image = torch.cat([prev_map.unsqueeze(1) * self.num_positions, self.grid_image.expand(b, -1, -1, -1)], 1)
+        image = torch.cat([prev_map.unsqueeze(1) * self.num_positions,
+                           self.grid_image.expand(b, -1, -1, -1)], dim=1)
         cond = torch.cat([h, z_prev], dim=-1)
         gamma, beta = self.prior_film(cond).chunk(2, dim=-1)
         x = self.prior_in(image) * (1.0 + gamma[..., None, None]) + beta[..., None, None]
@@ -318,8 +325,8 @@ class AttentionSchema(nn.Module):
         prev_center = center_of_mass(prev_map)
         motion = self.motion_head(torch.cat([x.mean(dim=(-2, -1)), cond, prev_center], dim=-1))
         motion = self.max_motion * torch.tanh(motion / self.max_motion)
-        return dict(logits=logits, map=logits.softmax(dim=-1).reshape(b, r, r), motion=motion,
-                    prev_center=prev_center)
+        return {"logits": logits, "map": logits.softmax(dim=-1).reshape(b, r, r), "motion": motion,
+                "prev_center": prev_center}
 
     # ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -334,7 +341,9 @@ class AttentionSchema(nn.Module):
 
     @staticmethod
     def diversity(slot_maps: Tensor) -> Tensor:
-        """Mean over slot pairs k != l of <p_k, p_l>^2, p_k the L2-normalised flattened map: [B, S, R, R] -> [B].
+        """Mean over slot pairs k != l of <p_k, p_l>^2, p_k the L2-normalised flattened map.
+
+        Shapes: [B, S, R, R] -> [B].
 
         0 when the slots attend to disjoint positions, 1 when they are identical; 0 for a single slot.
         """
@@ -355,7 +364,8 @@ class AttentionSchema(nn.Module):
         ``beta`` is the SmoothL1 transition point in normalised units (0.1 = 5 % of the image side), small
         because typical per-step displacements are small.
         """
-        if not (motion.shape == center_prev.shape == center.shape) or motion.dim() != 2 or motion.shape[-1] != 2:
+        same = motion.shape == center_prev.shape == center.shape
+        if not same or motion.dim() != 2 or motion.shape[-1] != 2:
             raise ValueError("dynamics_loss expects motion, center_prev and center all [B, 2], got "
                              f"{tuple(motion.shape)}, {tuple(center_prev.shape)}, {tuple(center.shape)}")
         target = (center - center_prev).detach()

@@ -28,15 +28,22 @@ Losses (registries keyed by ``AIMEConfig.disc_loss``)
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["TemporalDiscriminator", "discriminator_loss", "generator_loss", "feature_matching_loss",
-           "gradient_penalty", "DISCRIMINATOR_LOSSES", "GENERATOR_LOSSES"]
+__all__ = [
+    "DISCRIMINATOR_LOSSES",
+    "GENERATOR_LOSSES",
+    "TemporalDiscriminator",
+    "discriminator_loss",
+    "feature_matching_loss",
+    "generator_loss",
+    "gradient_penalty",
+]
 
 
 def _maybe_sn(module: nn.Module, enabled: bool) -> nn.Module:
@@ -47,7 +54,8 @@ def _sinusoid(length: int, dim: int, device, dtype) -> Tensor:
     """[length, dim] sinusoidal position code (Vaswani et al. 2017); odd dims padded with a zero column."""
     half = dim // 2
     position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float32) / max(half, 1))
+    steps = torch.arange(half, device=device, dtype=torch.float32)
+    freq = torch.exp(-math.log(10000.0) * steps / max(half, 1))
     code = torch.cat([torch.sin(position * freq), torch.cos(position * freq)], dim=-1)
     if code.shape[-1] < dim:
         code = F.pad(code, (0, dim - code.shape[-1]))
@@ -130,7 +138,8 @@ class TemporalDiscriminator(nn.Module):
         if num_layers < 0:
             raise ValueError(f"TemporalDiscriminator num_layers={num_layers} is invalid: expected >= 0")
         if patch_size < 1 or image_size % patch_size:
-            raise ValueError(f"TemporalDiscriminator patch_size={patch_size} must divide image_size={image_size}")
+            raise ValueError(f"TemporalDiscriminator patch_size={patch_size} must divide "
+                             f"image_size={image_size}")
         if temporal_kernel < 1:
             raise ValueError(f"TemporalDiscriminator temporal_kernel={temporal_kernel} must be >= 1")
         self.latent_dim, self.channels, self.image_size = latent_dim, channels, image_size
@@ -147,15 +156,15 @@ class TemporalDiscriminator(nn.Module):
         self.sequence_head = _maybe_sn(nn.Linear(channels, 1), spectral_norm)
 
     @classmethod
-    def from_config(cls, config, **overrides) -> "TemporalDiscriminator":
+    def from_config(cls, config, **overrides) -> TemporalDiscriminator:
         """Build from an ``AIMEConfig`` (latent_dim, disc_channels, img_disc_layers, disc_num_heads,
         image_size); keyword overrides (e.g. ``spectral_norm=True``) win."""
-        kwargs = dict(latent_dim=config.latent_dim, channels=config.disc_channels,
-                      num_layers=config.img_disc_layers, num_heads=config.disc_num_heads,
-                      image_size=config.image_size)
+        kwargs = {"latent_dim": config.latent_dim, "channels": config.disc_channels,
+                  "num_layers": config.img_disc_layers, "num_heads": config.disc_num_heads,
+                  "image_size": config.image_size}
         return cls(**{**kwargs, **overrides})
 
-    def forward(self, x: Tensor, z: Tensor) -> Dict[str, Union[Tensor, List[Tensor]]]:
+    def forward(self, x: Tensor, z: Tensor) -> dict[str, Tensor | list[Tensor]]:
         """Score a window.
 
         Args:
@@ -167,7 +176,8 @@ class TemporalDiscriminator(nn.Module):
         """
         s = self.image_size
         if x.dim() != 5 or tuple(x.shape[2:]) != (3, s, s):
-            raise ValueError(f"TemporalDiscriminator expects x [B, T, 3, {s}, {s}], got shape {tuple(x.shape)}")
+            raise ValueError(f"TemporalDiscriminator expects x [B, T, 3, {s}, {s}], "
+                             f"got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"TemporalDiscriminator expects float frames in [-1, 1], got dtype {x.dtype}")
         b, t = x.shape[:2]
@@ -184,46 +194,46 @@ class TemporalDiscriminator(nn.Module):
             tokens = block(tokens, z)
             features.append(tokens)
         pooled = self.norm_out(tokens).mean(dim=2)                                  # [B, T, C]
-        return dict(frame_scores=self.frame_head(pooled).squeeze(-1),
-                    sequence_score=self.sequence_head(pooled[:, -1]).squeeze(-1),
-                    features=features)
+        return {"frame_scores": self.frame_head(pooled).squeeze(-1),
+                "sequence_score": self.sequence_head(pooled[:, -1]).squeeze(-1),
+                "features": features}
 
 
 # ----------------------------------------------------------------------------------------------------
-def _both_heads(out: Dict, fn: Callable[[Tensor], Tensor]) -> Tensor:
+def _both_heads(out: dict, fn: Callable[[Tensor], Tensor]) -> Tensor:
     return 0.5 * (fn(out["frame_scores"]).mean() + fn(out["sequence_score"]).mean())
 
 
-def _hinge_d(real_out: Dict, fake_out: Dict) -> Tensor:
-    return (_both_heads(real_out, lambda s: F.relu(1.0 - s)) + _both_heads(fake_out, lambda s: F.relu(1.0 + s)))
+def _hinge_d(real_out: dict, fake_out: dict) -> Tensor:
+    return _both_heads(real_out, lambda s: F.relu(1.0 - s)) + _both_heads(fake_out, lambda s: F.relu(1.0 + s))
 
 
-def _wgan_d(real_out: Dict, fake_out: Dict) -> Tensor:
+def _wgan_d(real_out: dict, fake_out: dict) -> Tensor:
     return _both_heads(fake_out, lambda s: s) - _both_heads(real_out, lambda s: s)
 
 
-def _negative_score(fake_out: Dict) -> Tensor:
+def _negative_score(fake_out: dict) -> Tensor:
     return -_both_heads(fake_out, lambda s: s)
 
 
-DISCRIMINATOR_LOSSES: Dict[str, Callable[[Dict, Dict], Tensor]] = {"hinge": _hinge_d, "wgan-gp": _wgan_d}
-GENERATOR_LOSSES: Dict[str, Callable[[Dict], Tensor]] = {"hinge": _negative_score, "wgan-gp": _negative_score}
+DISCRIMINATOR_LOSSES: dict[str, Callable[[dict, dict], Tensor]] = {"hinge": _hinge_d, "wgan-gp": _wgan_d}
+GENERATOR_LOSSES: dict[str, Callable[[dict], Tensor]] = {"hinge": _negative_score, "wgan-gp": _negative_score}
 
 
-def _lookup(registry: Dict, kind: str):
+def _lookup(registry: dict, kind: str):
     if kind not in registry:
         raise ValueError(f"unknown discriminator loss kind={kind!r}; expected one of {sorted(registry)}")
     return registry[kind]
 
 
-def discriminator_loss(real_out: Dict, fake_out: Dict, kind: str = "hinge") -> Tensor:
+def discriminator_loss(real_out: dict, fake_out: dict, kind: str = "hinge") -> Tensor:
     """Scalar discriminator loss from two ``forward`` outputs (fake scored on detached generations).
 
     For ``"wgan-gp"`` add ``gp_weight * gradient_penalty(...)`` separately (it needs the discriminator)."""
     return _lookup(DISCRIMINATOR_LOSSES, kind)(real_out, fake_out)
 
 
-def generator_loss(fake_out: Dict, kind: str = "hinge") -> Tensor:
+def generator_loss(fake_out: dict, kind: str = "hinge") -> Tensor:
     """Scalar adversarial loss of the generator, -E[D(fake)] on both heads (hinge and WGAN alike)."""
     return _lookup(GENERATOR_LOSSES, kind)(fake_out)
 
@@ -236,13 +246,14 @@ def feature_matching_loss(real_feats: Sequence[Tensor], fake_feats: Sequence[Ten
     terms = []
     for i, (real, fake) in enumerate(zip(real_feats, fake_feats)):
         if real.shape != fake.shape:
-            raise ValueError(f"feature_matching_loss layer {i}: real {tuple(real.shape)} != fake {tuple(fake.shape)}")
+            raise ValueError(f"feature_matching_loss layer {i}: real {tuple(real.shape)} "
+                             f"!= fake {tuple(fake.shape)}")
         terms.append((real.detach() - fake).abs().mean())
     return torch.stack(terms).mean()
 
 
 def gradient_penalty(discriminator: TemporalDiscriminator, real: Tensor, fake: Tensor, z: Tensor,
-                     z_fake: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+                     z_fake: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """WGAN-GP penalty E[(||grad_x D(x_hat, z_hat)||_2 - 1)^2] (Gulrajani et al. 2017), a scalar.
 
     x_hat = e * real + (1 - e) * fake with e ~ U(0, 1) per sequence; the norm is over all frames of the

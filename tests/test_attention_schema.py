@@ -1,4 +1,4 @@
-"""Invariants of the attention schema (MODEL.md section 2.4): distributions, determinism, losses, gradients."""
+"""Attention schema (MODEL.md section 2.4): distributions, determinism, losses, gradients, learnability."""
 
 import pytest
 import torch
@@ -69,7 +69,8 @@ def test_attention_kl():
     prior = m.prior_step(m.initial_map(2), h, z)["logits"]
     kl = m.attention_kl(post, prior)
     assert kl.shape == (2,) and (kl >= 0).all() and (kl > 1e-6).all()
-    torch.testing.assert_close(m.attention_kl(post, post.reshape(2, -1).log()), torch.zeros(2), atol=1e-6, rtol=0)
+    same = m.attention_kl(post, post.reshape(2, -1).log())
+    torch.testing.assert_close(same, torch.zeros(2), atol=1e-6, rtol=0)
     # Zeros in the posterior map are fine (xlogy), and a peaked map against a uniform prior gives log(R*R).
     onehot = torch.zeros(2, 8, 8)
     onehot[:, 3, 4] = 1.0
@@ -222,6 +223,7 @@ def test_from_config(preset):
     r = cfg.attention_resolution
     feats = m.encode_features(torch.zeros(1, 3, 64, 64))
     post = m.posterior_step(feats, torch.zeros(1, cfg.hidden_dim), torch.zeros(1, cfg.context_dim))
-    assert post["slot_maps"].shape == (1, cfg.num_slots, r, r) and post["state"].shape == (1, cfg.attention_dim)
+    assert post["slot_maps"].shape == (1, cfg.num_slots, r, r)
+    assert post["state"].shape == (1, cfg.attention_dim)
     prior = m.prior_step(post["map"], torch.zeros(1, cfg.hidden_dim), torch.zeros(1, cfg.latent_dim))
     assert prior["map"].shape == (1, r, r)

@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from VRNN.temporal_discriminator import (TemporalDiscriminator, discriminator_loss, feature_matching_loss,
-                                         generator_loss, gradient_penalty)
+from VRNN.temporal_discriminator import (
+    TemporalDiscriminator,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+    gradient_penalty,
+)
 
 D = 3
 
@@ -86,8 +91,8 @@ def test_discriminator_learns_to_separate(kind):
 
 
 def test_hinge_loss_values():
-    real = dict(frame_scores=torch.full((2, 3), 2.0), sequence_score=torch.full((2,), 2.0))
-    fake = dict(frame_scores=torch.full((2, 3), -2.0), sequence_score=torch.full((2,), -2.0))
+    real = {"frame_scores": torch.full((2, 3), 2.0), "sequence_score": torch.full((2,), 2.0)}
+    fake = {"frame_scores": torch.full((2, 3), -2.0), "sequence_score": torch.full((2,), -2.0)}
     assert discriminator_loss(real, fake, "hinge").item() == 0.0  # separated beyond the margin
     assert discriminator_loss(fake, real, "hinge").item() == pytest.approx(6.0)
     assert generator_loss(fake, "hinge").item() == pytest.approx(2.0)
