@@ -123,7 +123,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
                              attention, prior, lstm_layers=c.lstm_layers)
         self.likelihood = build_likelihood(c.likelihood, c.num_mixtures)
         self.decoder = NVAEDecoder(c.latent_dim + c.hidden_dim, self.likelihood.num_params, c.decoder_channels,
-                                   size, c.use_squeeze_excitation, c.use_spectral_norm)
+                                   size, c.use_squeeze_excitation, c.use_spectral_norm,
+                                   out_bias=self.likelihood.initial_bias())
         self.discriminator = TemporalDiscriminator(c.latent_dim, c.disc_channels, c.img_disc_layers,
                                                    c.disc_num_heads, image_size=size)
         if device is not None:

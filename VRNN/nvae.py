@@ -122,7 +122,7 @@ class NVAEDecoder(nn.Module):
     the attention map, residual cell) reach S = image_size with widths 4C, 2C, C, C."""
 
     def __init__(self, input_dim: int, out_channels: int, channels: int = 64, image_size: int = 64,
-                 use_se: bool = True, spectral_norm: bool = False) -> None:
+                 use_se: bool = True, spectral_norm: bool = False, out_bias: Tensor | None = None) -> None:
         super().__init__()
         n_up = int(round(math.log2(image_size // 4)))
         top = 4 * channels
@@ -138,6 +138,10 @@ class NVAEDecoder(nn.Module):
             cin = cout
         self.ups, self.films, self.cells = nn.ModuleList(ups), nn.ModuleList(films), nn.ModuleList(cells)
         self.out = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(), nn.Conv2d(cin, out_channels, 3, padding=1))
+        if out_bias is not None:  # the likelihood's preferred starting point (e.g. sensible log-scales)
+            with torch.no_grad():
+                self.out[-1].bias.copy_(out_bias)
+                self.out[-1].weight.mul_(0.1)
 
     def forward(self, x: Tensor, attention_map: Tensor) -> Tensor:
         """x [N, I], attention_map [N, R, R] (sums to 1) -> params [N, P, S, S]."""
