@@ -5,7 +5,7 @@ All share `GradientAggregator`'s interface: `aggregate(G [T, D]) -> [D]`, `backw
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Tuple, Type
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ class SumAggregator(GradientAggregator):
 
     name = "sum"
 
-    def _aggregate(self, G: Tensor) -> Tuple[Tensor, Dict[str, object]]:
+    def _aggregate(self, G: Tensor) -> tuple[Tensor, dict[str, object]]:
         norms, cos, active = gram_stats(G)
         conflict = mean_pair_conflict(cos[active][:, active])
         return G.sum(dim=0), {"grad_norms": norms.float(), "cosines": cos.float(), "active": active,
@@ -39,12 +39,12 @@ class PCGrad(GradientAggregator):
 
     name = "pcgrad"
 
-    def __init__(self, seed: int = 0, grad_reduce_hook: Optional[GradReduceHook] = None,
+    def __init__(self, seed: int = 0, grad_reduce_hook: GradReduceHook | None = None,
                  batched_grads: bool = True):
         super().__init__(grad_reduce_hook=grad_reduce_hook, batched_grads=batched_grads)
         self.generator = torch.Generator().manual_seed(int(seed))
 
-    def state_dict(self) -> Dict[str, object]:
+    def state_dict(self) -> dict[str, object]:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -52,7 +52,7 @@ class PCGrad(GradientAggregator):
             raise ValueError(f"PCGrad.load_state_dict: missing key 'generator', got {sorted(state)}")
         self.generator.set_state(state["generator"])
 
-    def _aggregate(self, G: Tensor) -> Tuple[Tensor, Dict[str, object]]:
+    def _aggregate(self, G: Tensor) -> tuple[Tensor, dict[str, object]]:
         T = G.shape[0]
         norms, cos, active = gram_stats(G)
         K = cos * norms[:, None] * norms[None, :]           # Gram matrix, float64 [T, T]
@@ -75,7 +75,7 @@ class PCGrad(GradientAggregator):
                      "conflict_after": mean_pair_conflict(cos_p[active][:, active])}
 
 
-AGGREGATORS: Dict[str, Type[GradientAggregator]] = {
+AGGREGATORS: dict[str, type[GradientAggregator]] = {
     RGB.name: RGB,
     SumAggregator.name: SumAggregator,
     PCGrad.name: PCGrad,

@@ -28,13 +28,13 @@ Choices where MODEL.md is silent (documented as it asks):
   increase, then clipped to [0, pi/2 - 1e-3]. Hence J(final) <= J(0) = conflict of the ĝ_i, and since
   the proximity term is >= 0, the rotated vectors never conflict more than the normalised gradients.
   Each r_i keeps <r_i, ĝ_i> = cos a_i > 0, i.e. ‖r_i - ĝ_i‖² = 2 - 2 cos a_i < 2.
-- The gradient of J w.r.t. the angles comes from autograd on the T-sized tensors (float64).
+- The gradient of J w.r.t. the angles is in closed form (`_objective_grad`), on T-sized float64 tensors.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 GradReduceHook = Callable[[Tensor], Tensor]
-Losses = Union[Sequence[Tensor], Mapping[str, Tensor]]
+Losses = Sequence[Tensor] | Mapping[str, Tensor]
 
 ZERO_NORM = 1e-12        # a task gradient with a smaller L2 norm counts as zero (left out of the step)
 _DEGENERATE_NU = 1e-3    # sin of the angle between ĝ_i and d below which there is no rotation plane
@@ -54,9 +54,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _normalise_losses(losses: Losses) -> Tuple[List[str], List[Tensor]]:
+def _normalise_losses(losses: Losses) -> tuple[list[str], list[Tensor]]:
     if isinstance(losses, Mapping):
-        names, tensors = [str(k) for k in losses.keys()], list(losses.values())
+        names, tensors = [str(k) for k in losses], list(losses.values())
     elif isinstance(losses, (list, tuple)):
         names, tensors = [str(i) for i in range(len(losses))], list(losses)
     else:
@@ -71,7 +71,7 @@ def _normalise_losses(losses: Losses) -> Tuple[List[str], List[Tensor]]:
 
 
 def per_task_gradients(losses: Sequence[Tensor], params: Sequence[Tensor], batched: bool = True,
-                       retain_graph: bool = False) -> List[Optional[Tensor]]:
+                       retain_graph: bool = False) -> list[Tensor | None]:
     """Gradients of each of T scalar losses w.r.t. each parameter.
 
     Args:
@@ -85,7 +85,7 @@ def per_task_gradients(losses: Sequence[Tensor], params: Sequence[Tensor], batch
     """
     T = len(losses)
     live = [i for i, l in enumerate(losses) if l.requires_grad]
-    rows: List[List[Optional[Tensor]]] = []  # rows[k][p]: grad of live task k w.r.t. param p
+    rows: list[list[Tensor | None]] = []  # rows[k][p]: grad of live task k w.r.t. param p
     if live and params:
         if batched:
             stacked = torch.stack([losses[i].reshape(()) for i in live])
@@ -97,7 +97,7 @@ def per_task_gradients(losses: Sequence[Tensor], params: Sequence[Tensor], batch
             for k, i in enumerate(live):
                 keep = retain_graph or k < len(live) - 1
                 rows.append(list(torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=keep)))
-    out: List[Optional[Tensor]] = []
+    out: list[Tensor | None] = []
     for p_idx, p in enumerate(params):
         per_task = [rows[k][p_idx] for k in range(len(live))]
         if all(g is None for g in per_task):
@@ -123,18 +123,19 @@ class GradientAggregator:
 
     name = "base"
 
-    def __init__(self, grad_reduce_hook: Optional[GradReduceHook] = None, batched_grads: bool = True):
+    def __init__(self, grad_reduce_hook: GradReduceHook | None = None, batched_grads: bool = True):
         if grad_reduce_hook is not None and not callable(grad_reduce_hook):
             raise ValueError(f"grad_reduce_hook must be callable or None, got {type(grad_reduce_hook).__name__}")
         self.grad_reduce_hook = grad_reduce_hook
         self.batched_grads = bool(batched_grads)
-        self.last_diagnostics: Dict[str, object] = {}
+        self._batched_verified = False
+        self.last_diagnostics: dict[str, object] = {}
 
     # -------------------------------------------------------------- to implement
-    def _aggregate(self, G: Tensor) -> Tuple[Tensor, Dict[str, object]]:
+    def _aggregate(self, G: Tensor) -> tuple[Tensor, dict[str, object]]:
         raise NotImplementedError
 
-    def state_dict(self) -> Dict[str, object]:
+    def state_dict(self) -> dict[str, object]:
         return {}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -161,15 +162,11 @@ class GradientAggregator:
                 got = tuple(reduced.shape) if isinstance(reduced, Tensor) else type(reduced).__name__
                 raise ValueError(f"grad_reduce_hook must return a tensor of shape {list(grads.shape)}, got {got}")
             grads = reduced
-        bad = ~torch.isfinite(grads).all(dim=1)
-        if bad.any():
-            raise ValueError(f"{type(self).__name__}.aggregate: non-finite gradients for tasks "
-                             f"{bad.nonzero().flatten().tolist()}")
         out, diag = self._aggregate(grads)
         self.last_diagnostics = diag
         return out.to(grads.dtype)
 
-    def backward(self, losses: Losses, shared_params, retain_graph: bool = False) -> Dict[str, object]:
+    def backward(self, losses: Losses, shared_params, retain_graph: bool = False) -> dict[str, object]:
         """Per-task gradients of the shared parameters, aggregated and written to `.grad`.
 
         Args:
@@ -185,11 +182,12 @@ class GradientAggregator:
         gradient is added to an existing `.grad` or set where it is None.
         """
         names, loss_list = _normalise_losses(losses)
-        params = []
+        params, seen = [], set()
         for p in shared_params:
             if not isinstance(p, Tensor):
                 raise ValueError(f"shared_params must hold tensors, got {type(p).__name__}")
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in seen:  # a tied parameter listed twice is written once
+                seen.add(id(p))
                 params.append(p)
         if not params:
             raise ValueError("backward: shared_params holds no tensor that requires grad")
@@ -220,12 +218,15 @@ class GradientAggregator:
         diag.update(task_names=names, batched=used_batched)
         return diag
 
-    def _per_task_gradients(self, losses: List[Tensor], params: List[Tensor],
-                            retain_graph: bool) -> Tuple[List[Optional[Tensor]], bool]:
+    def _per_task_gradients(self, losses: list[Tensor], params: list[Tensor],
+                            retain_graph: bool) -> tuple[list[Tensor | None], bool]:
         if self.batched_grads:
             try:
-                # keep the graph on a failed attempt so the fallback can still walk it
-                return per_task_gradients(losses, params, batched=True, retain_graph=True), True
+                # until the batched pass has worked once, keep the graph so a fallback can still walk it
+                keep = retain_graph or not self._batched_verified
+                grads = per_task_gradients(losses, params, batched=True, retain_graph=keep)
+                self._batched_verified = True
+                return grads, True
             except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
                 self.batched_grads = False
                 logger.debug("batched per-task gradients failed (%s: %s); using %d separate backward passes "
@@ -233,13 +234,17 @@ class GradientAggregator:
         return per_task_gradients(losses, params, batched=False, retain_graph=retain_graph), False
 
 
-def gram_stats(G: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def gram_stats(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Task-gradient geometry of G [T, D]: norms [T], cosines [T, T] (0 for zero tasks), active [T] bool.
 
     Computed in float64 on the CPU (these are T x T numbers that drive Python-side decisions) from one
     [T, T] Gram matrix (norms are its diagonal).
     """
     K = (G @ G.T).double().cpu()
+    bad = ~torch.isfinite(K.diagonal())  # a NaN/inf entry makes its row's squared norm non-finite
+    if bad.any():
+        raise ValueError(f"non-finite gradients (NaN/inf, or a squared norm that overflows) for tasks "
+                         f"{bad.nonzero().flatten().tolist()}")
     norms = K.diagonal().clamp_min(0).sqrt()
     active = norms > ZERO_NORM
     inv = torch.where(active, 1.0 / norms.clamp_min(ZERO_NORM), torch.zeros_like(norms))
@@ -256,7 +261,7 @@ def mean_pair_conflict(cos: Tensor) -> float:
     return float((1.0 - cos[iu[0], iu[1]]).mean())
 
 
-def _rotated_geometry(alpha: Tensor, A: Tensor, Bgw: Tensor, Wm: Tensor) -> Tuple[Tensor, Tensor]:
+def _rotated_geometry(alpha: Tensor, A: Tensor, Bgw: Tensor, Wm: Tensor) -> tuple[Tensor, Tensor]:
     """<r_i, r_j> [T, T] and ‖r_i - ĝ_i‖² [T] for angles alpha [T] (all float64)."""
     c, s = torch.cos(alpha), torch.sin(alpha)
     R = (c[:, None] * c[None, :] * A + c[:, None] * s[None, :] * Bgw
@@ -282,7 +287,7 @@ class RGB(GradientAggregator):
     SCALES = ("norm", "unit")
 
     def __init__(self, mu: float = 0.9, lam: float = 1.0, alpha_steps: int = 3, inner_lr: float = 0.2,
-                 scale: str = "norm", grad_reduce_hook: Optional[GradReduceHook] = None,
+                 scale: str = "norm", grad_reduce_hook: GradReduceHook | None = None,
                  batched_grads: bool = True):
         super().__init__(grad_reduce_hook=grad_reduce_hook, batched_grads=batched_grads)
         if not 0.0 <= mu < 1.0:
@@ -301,11 +306,11 @@ class RGB(GradientAggregator):
 
     def reset(self) -> None:
         """Forget d, the angles and the step count."""
-        self.d: Optional[Tensor] = None
-        self.angles: Optional[Tensor] = None
+        self.d: Tensor | None = None
+        self.angles: Tensor | None = None
         self.step = 0
 
-    def state_dict(self) -> Dict[str, object]:
+    def state_dict(self) -> dict[str, object]:
         return {"d": None if self.d is None else self.d.detach().clone(),
                 "angles": None if self.angles is None else self.angles.clone(), "step": self.step}
 
@@ -324,43 +329,56 @@ class RGB(GradientAggregator):
         conflict = (1.0 - R).triu(diagonal=1).sum() / (Ta * (Ta - 1)) if Ta > 1 else R.new_zeros(())
         return conflict + self.lam * prox.sum() / (4 * Ta)
 
+    def _objective_grad(self, alpha: Tensor, A: Tensor, Bgw: Tensor, Wm: Tensor) -> Tensor:
+        """dJ/dalpha [T] in closed form (checked against autograd in the tests).
+
+        With sum(R) = c'Ac + 2c'Bs + s'Ws, dc/da = -s, ds/da = c and sum_{i<j} R_ij = (sum(R) - tr R)/2.
+        """
+        Ta = alpha.shape[0]
+        c, s = torch.cos(alpha), torch.sin(alpha)
+        a_d, b_d, w_d = A.diagonal(), Bgw.diagonal(), Wm.diagonal()
+        d_sum = -2 * s * (A @ c) + 2 * (-s * (Bgw @ s) + c * (Bgw.T @ c)) + 2 * c * (Wm @ s)
+        d_tr = -2 * c * s * a_d + 2 * (c * c - s * s) * b_d + 2 * s * c * w_d
+        d_prox = -2 * (c - 1) * s * a_d + 2 * (c * (c - 1) - s * s) * b_d + 2 * s * c * w_d
+        d_conflict = -(d_sum - d_tr) / (2 * Ta * (Ta - 1)) if Ta > 1 else torch.zeros_like(alpha)
+        return d_conflict + self.lam * d_prox / (4 * Ta)
+
     def _solve_angles(self, start: Tensor, frozen: Tensor, A: Tensor, Bgw: Tensor, Wm: Tensor) -> Tensor:
         zero = torch.zeros_like(start)
-        alpha = start if self._objective(start, A, Bgw, Wm) <= self._objective(zero, A, Bgw, Wm) else zero
-        with torch.enable_grad():
-            for _ in range(self.alpha_steps):
-                a = alpha.detach().requires_grad_(True)
-                J = self._objective(a, A, Bgw, Wm)
-                (grad,) = torch.autograd.grad(J, a)
-                grad = grad.masked_fill(frozen, 0.0)
-                if not bool(grad.abs().max() > 0):
+        J = self._objective(start, A, Bgw, Wm)
+        J_zero = self._objective(zero, A, Bgw, Wm)
+        alpha, J = (start, J) if J <= J_zero else (zero, J_zero)
+        for _ in range(self.alpha_steps):
+            grad = self._objective_grad(alpha, A, Bgw, Wm).masked_fill(frozen, 0.0)
+            if not bool(grad.abs().max() > 0):
+                break
+            lr = self.inner_lr
+            for _ in range(_MAX_HALVINGS):
+                cand = (alpha - lr * grad).clamp(0.0, _MAX_ANGLE)
+                J_cand = self._objective(cand, A, Bgw, Wm)
+                if J_cand <= J:
+                    alpha, J = cand, J_cand
                     break
-                lr, J0 = self.inner_lr, J.detach()
-                for _ in range(_MAX_HALVINGS):
-                    cand = (alpha - lr * grad).clamp(0.0, _MAX_ANGLE)
-                    if self._objective(cand, A, Bgw, Wm) <= J0:
-                        alpha = cand
-                        break
-                    lr *= 0.5
-                else:
-                    break
-        return alpha.detach()
+                lr *= 0.5
+            else:
+                break
+        return alpha
 
-    def _aggregate(self, G: Tensor) -> Tuple[Tensor, Dict[str, object]]:
+    def _aggregate(self, G: Tensor) -> tuple[Tensor, dict[str, object]]:
         T, D = G.shape
         cdt = _compute_dtype(G.dtype)
         G = G.to(cdt)
-        if self.angles is None:
-            self.angles = torch.zeros(T, dtype=torch.float64)
-        elif self.angles.shape[0] != T:
+        if self.angles is not None and self.angles.shape[0] != T:
             raise ValueError(f"RGB was used with T={self.angles.shape[0]} tasks and now gets T={T}; "
                              "call reset() to start over")
         if self.d is not None and self.d.shape[0] != D:
             raise ValueError(f"RGB was used with D={self.d.shape[0]} parameters and now gets D={D}; "
                              "call reset() to start over")
+        norms, cos, active = gram_stats(G)  # validates (non-finite rows) before any state changes
+        if self.angles is None:
+            self.angles = torch.zeros(T, dtype=torch.float64)
         self.step += 1
-        norms, cos, active = gram_stats(G)
-        diag: Dict[str, object] = {"grad_norms": norms.float(), "cosines": cos.float(), "active": active,
+        diag: dict[str, object] = {"grad_norms": norms.float(), "cosines": cos.float(), "active": active,
                                    "conflict_before": mean_pair_conflict(cos[active][:, active])}
         idx = active.nonzero().flatten()
         Ta = idx.numel()
@@ -370,15 +388,15 @@ class RGB(GradientAggregator):
         dev = G.device
         n = norms[idx]                                   # [Ta] float64
         A = cos[idx][:, idx]                             # [Ta, Ta] cosines of the active tasks
-        Ga = G[idx]                                      # [Ta, D]
+        Ga = G if Ta == T else G[idx]                    # [Ta, D] (no copy when every task is active)
         # consensus direction
         mean_dir = (1.0 / (n * Ta)).to(cdt).to(dev) @ Ga
         mean_dir = mean_dir / mean_dir.norm().clamp_min(ZERO_NORM)
         d = mean_dir * (1 - self.mu) if self.d is None else self.d.to(dev, cdt) * self.mu + (1 - self.mu) * mean_dir
-        d_norm = d.norm()
+        d_norm = float(d.norm())
         d = d / d_norm if d_norm > ZERO_NORM else torch.zeros_like(d)
         self.d = d
-        dn = float(d.double().square().sum())            # 1, or 0 when the gradients cancel exactly
+        dn = 1.0 if d_norm > ZERO_NORM else 0.0          # ‖d‖²: 0 only when the gradients cancel exactly
         rho = (Ga @ d).double().cpu() / n                      # <ĝ_i, d>
         nu = (dn - rho.square()).clamp_min(0).sqrt()     # ‖d - rho_i ĝ_i‖
         frozen = nu < _DEGENERATE_NU

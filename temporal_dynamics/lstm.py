@@ -19,13 +19,12 @@ Choices where the spec is silent (written down here as MODEL.md asks):
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-State = Tuple[Tensor, Tensor]
+State = tuple[Tensor, Tensor]
 
 # gate order used by torch.nn.LSTM: input, forget, cell candidate, output
 _FORGET_GATE = 1
@@ -80,7 +79,7 @@ class LSTMLayer(nn.Module):
         if self.norm is not None:
             self.norm.reset_parameters()
 
-    def _layer_params(self, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _layer_params(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return (getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}"),
                 getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}"))
 
@@ -121,7 +120,7 @@ class LSTMLayer(nn.Module):
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{where}: state {name} must have shape [L, B, H] = {list(expected)}, got {shape}")
 
-    def _check_reset(self, reset: Optional[Tensor], shape: Tuple[int, ...], where: str) -> Optional[Tensor]:
+    def _check_reset(self, reset: Tensor | None, shape: tuple[int, ...], where: str) -> Tensor | None:
         if reset is None:
             return None
         if not isinstance(reset, Tensor) or tuple(reset.shape) != shape:
@@ -142,7 +141,7 @@ class LSTMLayer(nn.Module):
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
         return h_new, c_new
 
-    def _apply_reset(self, h: Tensor, c: Tensor, k: int, reset: Optional[Tensor]) -> State:
+    def _apply_reset(self, h: Tensor, c: Tensor, k: int, reset: Tensor | None) -> State:
         if reset is None:
             return h, c
         mask = reset.unsqueeze(-1)  # [B, 1]
@@ -151,7 +150,7 @@ class LSTMLayer(nn.Module):
     def _output(self, h_top: Tensor) -> Tensor:
         return self.norm(h_top) if self.norm is not None else h_top
 
-    def step(self, x: Tensor, state: Optional[State] = None, reset: Optional[Tensor] = None) -> Tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State | None = None, reset: Tensor | None = None) -> tuple[Tensor, State]:
         """One time step.
 
         Args:
@@ -183,8 +182,8 @@ class LSTMLayer(nn.Module):
                 inp = F.dropout(inp, self.dropout, self.training)
         return self._output(hs[-1]), (torch.stack(hs), torch.stack(cs))
 
-    def forward(self, x: Tensor, state: Optional[State] = None,
-                reset: Optional[Tensor] = None) -> Tuple[Tensor, State]:
+    def forward(self, x: Tensor, state: State | None = None,
+                reset: Tensor | None = None) -> tuple[Tensor, State]:
         """A whole sequence (batch first).
 
         Args:

@@ -103,7 +103,7 @@ def test_gradients_reach_initial_state_and_weights():
     x = torch.randn(B, T, I)
     reset = torch.zeros(B, T, dtype=torch.bool)
     reset[:, 3] = True
-    out, (h, c) = lstm(x, reset=reset)
+    out, (_, c) = lstm(x, reset=reset)
     (out.square().mean() + c.square().mean()).backward()
     for name, p in lstm.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

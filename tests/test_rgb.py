@@ -59,7 +59,7 @@ def test_conflicting_gradients_rotated_towards_consensus():
     for call in range(6):
         out = rgb.aggregate(G)
         st = rgb.state_dict()
-        g_hat, w, r = _explicit(G, st["d"], st["angles"])
+        g_hat, _, r = _explicit(G, st["d"], st["angles"])
         # the implicit algebra equals the explicit construction
         n = G.norm(dim=1)
         torch.testing.assert_close(out, (n[:, None] * r).sum(0) / 4, atol=1e-10, rtol=0)
@@ -79,6 +79,20 @@ def test_conflicting_gradients_rotated_towards_consensus():
         far = rho <= 2 ** -0.5
         assert (rho_r[far] >= rho[far] - 1e-12).all()
     assert rgb.step == 6 and (angles > 0).all()
+
+
+def test_closed_form_angle_gradient_matches_autograd():
+    from multi_task_learning.rgb_optimizer import _rotated_geometry  # noqa: F401 - same module internals
+
+    g = torch.Generator().manual_seed(0)
+    T = 4
+    X = torch.randn(2 * T, 2 * T, generator=g, dtype=torch.float64)
+    K = X @ X.T                                            # any Gram matrix of [ĝ; w] will do
+    A, Bgw, Wm = K[:T, :T], K[:T, T:], K[T:, T:]
+    rgb = RGB(lam=0.7)
+    alpha = torch.rand(T, generator=g, dtype=torch.float64).requires_grad_(True)
+    (auto,) = torch.autograd.grad(rgb._objective(alpha, A, Bgw, Wm), alpha)
+    torch.testing.assert_close(rgb._objective_grad(alpha.detach(), A, Bgw, Wm), auto, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -174,7 +188,7 @@ def test_backward_equals_aggregate_of_manual_grads(batched):
     diag = rgb.backward(make_losses(), params)
     assert diag["batched"] is batched and diag["task_names"] == ["task0", "task1", "task2"]
     assert diag["grad_norms"].shape == (3,) and diag["cosines"].shape == (3, 3) and diag["angles"].shape == (3,)
-    got, off = [], 0
+    got = []
     for p in used:
         g = p.grad.flatten()
         if p is net.trunk[0].bias:
@@ -235,8 +249,8 @@ def test_sum_equals_plain_backward():
     get_aggregator("sum").backward(make_losses(), net.parameters())
     got = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
     assert got.keys() == ref.keys()
-    for n in ref:
-        torch.testing.assert_close(got[n], ref[n], atol=1e-12, rtol=0)
+    for n, g in ref.items():
+        torch.testing.assert_close(got[n], g, atol=1e-12, rtol=0)
 
 
 def test_grad_reduce_hook_is_called_before_aggregation():
