@@ -267,7 +267,8 @@ def gradient_penalty(discriminator: TemporalDiscriminator, real: Tensor, fake: T
         raise ValueError(f"gradient_penalty expects real and fake of equal shape, got {tuple(real.shape)} "
                          f"and {tuple(fake.shape)}")
     b = real.shape[0]
-    e = torch.rand(b, generator=generator, device=generator.device if generator is not None else "cpu")
+    # Drawn where the generator lives (or on the data's device), then moved: one code path for CPU and CUDA.
+    e = torch.rand(b, generator=generator, device=generator.device if generator is not None else real.device)
     e = e.to(device=real.device, dtype=real.dtype)
     e_x = e.view(b, *([1] * (real.dim() - 1)))
     x_hat = (e_x * real.detach() + (1.0 - e_x) * fake.detach()).requires_grad_(True)
