@@ -92,6 +92,8 @@ def per_task_gradients(losses: Sequence[Tensor], params: Sequence[Tensor], batch
             eye = torch.eye(len(live), dtype=stacked.dtype, device=stacked.device)
             grads = torch.autograd.grad(stacked, params, grad_outputs=eye, is_grads_batched=True,
                                         allow_unused=True, retain_graph=retain_graph)
+            if len(live) == T:  # already [T, *shape] per parameter: no copy
+                return list(grads)
             rows = [[None if g is None else g[k] for g in grads] for k in range(len(live))]
         else:
             for k, i in enumerate(live):

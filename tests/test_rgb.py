@@ -198,16 +198,33 @@ def test_backward_equals_aggregate_of_manual_grads(batched):
     assert net.unused.weight.grad is None and net.unused.bias.grad is None
 
 
+def test_tied_parameter_listed_twice_is_written_once():
+    net, make_losses = _net_and_losses()
+    SumAggregator().backward(make_losses(), net.parameters())
+    ref = net.trunk[0].weight.grad.clone()
+    net.zero_grad(set_to_none=True)
+    SumAggregator().backward(make_losses(), [*net.parameters(), net.trunk[0].weight])
+    torch.testing.assert_close(net.trunk[0].weight.grad, ref, atol=0, rtol=0)
+
+
 def test_batched_and_fallback_paths_agree():
     grads = {}
     for batched in (True, False):
         net, make_losses = _net_and_losses(seed=3)
-        per = per_task_gradients(list(make_losses().values()), list(net.parameters()), batched=batched)
+        losses = [*make_losses().values(), torch.tensor(1.0, dtype=torch.float64)]  # last: no graph
+        per = per_task_gradients(losses, list(net.parameters()), batched=batched)
+        grads[(batched, "full")] = per_task_gradients(list(make_losses().values()), list(net.parameters()),
+                                                      batched=batched)
         grads[batched] = per
-    for a, b in zip(grads[True], grads[False]):
-        assert (a is None) == (b is None)
+    for key_a, key_b in ((True, False), ((True, "full"), (False, "full"))):
+        for a, b in zip(grads[key_a], grads[key_b], strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    for a, b in zip(grads[True], grads[(True, "full")], strict=True):
         if a is not None:
-            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+            assert a[3].abs().max() == 0
+            torch.testing.assert_close(a[:3], b, atol=1e-12, rtol=0)
 
 
 def test_batched_failure_falls_back_once_and_is_remembered(monkeypatch, caplog):
