@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from VRNN.aime_config import AIMEConfig
-from VRNN.dmc_envs import DMCEnv, make_env, resolve_env_name
-from VRNN.hdf5_io import EpisodeWriter, DataFileError, open_checked, list_episodes, summary, verify
+from VRNN.dmc_envs import DMCEnv, resolve_env_name
+from VRNN.hdf5_io import DataFileError, EpisodeWriter, list_episodes, open_checked, summary, verify
 from VRNN.policies import POLICIES, make_policy
 
-__all__ = ["collect_dataset", "collect_split", "collect_episode", "split_seeds", "main"]
+__all__ = ["collect_dataset", "collect_episode", "collect_split", "main", "split_seeds"]
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from VRNN.hdf5_io import DATASETS, DataFileError, file_attrs, list_episodes, open_checked, verify
 
-__all__ = ["DMCVBDataset", "SCALES"]
+__all__ = ["SCALES", "DMCVBDataset"]
 
 logger = logging.getLogger(__name__)
 

@@ -15,15 +15,25 @@ complete, then the file is flushed; readers ignore temporary groups and writers 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Self
 
 import h5py
 import numpy as np
 
 __all__ = [
-    "SCHEMA_VERSION", "DataFileError", "EpisodeWriter", "episode_name", "open_checked", "list_episodes",
-    "read_episode", "iter_episodes", "summary", "verify", "file_attrs",
+    "SCHEMA_VERSION",
+    "DataFileError",
+    "EpisodeWriter",
+    "episode_name",
+    "file_attrs",
+    "iter_episodes",
+    "list_episodes",
+    "open_checked",
+    "read_episode",
+    "summary",
+    "verify",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,7 +87,7 @@ def open_checked(path: str | Path, mode: str = "r") -> h5py.File:
 
 def list_episodes(f: h5py.File) -> list[str]:
     """Names of the complete episodes, in order (temporary groups are ignored)."""
-    return sorted(k for k in f.keys() if k.startswith(EPISODE_PREFIX))
+    return sorted(k for k in f if k.startswith(EPISODE_PREFIX))
 
 
 def file_attrs(f: h5py.File) -> dict[str, Any]:
@@ -216,7 +226,7 @@ class EpisodeWriter:
         if self.path.exists():
             self._file = open_checked(self.path, "a")
             self._check_attrs(attrs)
-            for key in [k for k in self._file.keys() if k.startswith(TEMP_PREFIX)]:
+            for key in [k for k in self._file if k.startswith(TEMP_PREFIX)]:
                 logger.warning("%s: removing incomplete group %s left by an interrupted write", self.path, key)
                 del self._file[key]
         else:
@@ -283,7 +293,7 @@ class EpisodeWriter:
             self._file.flush()
             self._file.close()
 
-    def __enter__(self) -> "EpisodeWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

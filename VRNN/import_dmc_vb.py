@@ -30,14 +30,14 @@ import logging
 import struct
 import sys
 import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
 from VRNN.hdf5_io import EpisodeWriter
 
-__all__ = ["read_tfrecord", "parse_episode", "decode_frame", "import_shards", "main"]
+__all__ = ["decode_frame", "import_shards", "main", "parse_episode", "read_tfrecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def decode_frame(blob: bytes) -> np.ndarray:
             raw = zlib.decompress(blob)
         except zlib.error as err:
             raise ValueError(f"frame looks zlib-compressed but does not decompress: {err}") from err
-    side = int(round((len(raw) / 3) ** 0.5))
+    side = round((len(raw) / 3) ** 0.5)
     if side * side * 3 != len(raw):
         raise ValueError(f"frame of {len(raw)} raw bytes is not a square RGB image")
     return np.frombuffer(raw, dtype=np.uint8).reshape(side, side, 3).copy()
@@ -123,7 +123,7 @@ def _step_features(record: bytes) -> dict[str, list[list]]:
     example = example_pb2.Example()
     try:
         example.ParseFromString(record)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise ValueError(f"record is neither a tf.train.Example nor a SequenceExample: {err}") from err
     return {key: [_values(f)] for key, f in example.features.feature.items()}
 

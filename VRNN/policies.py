@@ -7,11 +7,12 @@ action, always inside the spec bounds.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Policy", "RandomPolicy", "OUPolicy", "SinePolicy", "POLICIES", "make_policy"]
+__all__ = ["POLICIES", "OUPolicy", "Policy", "RandomPolicy", "SinePolicy", "make_policy"]
 
 
 class Policy:
@@ -19,7 +20,7 @@ class Policy:
 
     def __init__(self, action_spec: Any, rng: np.random.Generator):
         if not isinstance(rng, np.random.Generator):
-            raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+            raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")  # noqa: TRY004
         shape = tuple(action_spec.shape)
         self.low = np.broadcast_to(np.asarray(action_spec.minimum, dtype=np.float64), shape).reshape(-1)
         self.high = np.broadcast_to(np.asarray(action_spec.maximum, dtype=np.float64), shape).reshape(-1)

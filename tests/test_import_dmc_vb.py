@@ -97,13 +97,13 @@ def test_cli_round_trip_and_overwrite(tmp_path):
     _write_shard(tmp_path / "s.tfrecord", [_episode(rng, 3), _episode(rng, 6)], "example", "png")
     out = tmp_path / "o.h5"
     cmd = [sys.executable, "VRNN/import_dmc_vb.py", str(tmp_path / "s.tfrecord"), "--out", str(out)]
-    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert first.returncode == 0, first.stderr
     assert "2 episodes" in first.stdout and verify(out) == []
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode == 1 and "--overwrite" in again.stderr
     missing = subprocess.run(cmd[:2] + [str(tmp_path / "nope.tfrecord"), "--out", str(tmp_path / "z.h5")],
-                             cwd=REPO, capture_output=True, text=True, timeout=60)
+                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert missing.returncode == 1 and "not found" in missing.stderr
 
 
