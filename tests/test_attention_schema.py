@@ -227,3 +227,17 @@ def test_from_config(preset):
     assert post["state"].shape == (1, cfg.attention_dim)
     prior = m.prior_step(post["map"], torch.zeros(1, cfg.hidden_dim), torch.zeros(1, cfg.latent_dim))
     assert prior["map"].shape == (1, r, r)
+
+
+def test_rows_are_independent():
+    """No statistic is shared across the batch, so the prior can also run batched over B*T after the loop."""
+    m = make()
+    x, h, c, z = inputs(b=3)
+    feats = m.encode_features(x)
+    post, post1 = m.posterior_step(feats, h, c), m.posterior_step(feats[1:2], h[1:2], c[1:2])
+    prior, prior1 = m.prior_step(post["map"], h, z), m.prior_step(post["map"][1:2], h[1:2], z[1:2])
+    torch.testing.assert_close(m.encode_features(x[1:2]), feats[1:2])
+    for key in ("map", "slot_maps", "center", "state"):
+        torch.testing.assert_close(post1[key], post[key][1:2])
+    for key in ("logits", "motion"):
+        torch.testing.assert_close(prior1[key], prior[key][1:2])

@@ -163,3 +163,11 @@ def test_from_config(preset):
     d = TemporalDiscriminator.from_config(cfg)
     out = d(torch.zeros(1, 2, 3, 64, 64), torch.zeros(1, 2, cfg.latent_dim))
     assert out["frame_scores"].shape == (1, 2) and len(out["features"]) == cfg.img_disc_layers + 1
+
+
+def test_rows_are_independent():
+    d = make(layers=2)
+    x, z = window(b=3)
+    out, out1 = d(x, z), d(x[1:2], z[1:2])
+    torch.testing.assert_close(out1["frame_scores"], out["frame_scores"][1:2])
+    torch.testing.assert_close(out1["sequence_score"], out["sequence_score"][1:2])
