@@ -106,12 +106,13 @@ def collect_split(path: str | Path, env_name: str, seeds: Sequence[int], episode
     try:
         with EpisodeWriter(path, attrs) as writer:
             done = writer.seeds
-            if done != list(seeds[:len(done)]):
-                raise ValueError(f"{path} holds episodes with seeds {done[:5]}..., not the requested ones; "
-                                 f"use another --out or --overwrite")
+            common = min(len(done), len(seeds))
+            if done[:common] != list(seeds[:common]):
+                raise ValueError(f"{path} holds episodes with seeds {done[:3]}..., not the requested "
+                                 f"{list(seeds[:3])}...; use another --out or --overwrite")
             todo = list(seeds[len(done):])
             if not todo:
-                logger.info("%s already holds %d episodes; skipping", path, len(done))
+                logger.info("%s already holds %d episodes (%d requested); skipping", path, len(done), len(seeds))
                 return path
             if done:
                 logger.info("%s holds %d of %d episodes; appending the rest", path, len(done), len(seeds))
@@ -201,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished episodes are kept; run the same command again to resume", file=sys.stderr)
+        return 130
     for path in (train, held_out):
         info = summary(path)
         print(f"{path}: {info['episodes']} episodes, {info['steps']} steps, action_dim={info['action_dim']}")

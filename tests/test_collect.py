@@ -150,6 +150,8 @@ def test_complete_files_are_skipped_and_mismatches_refused(tmp_path, tiny_dmc_da
         collect_dataset("cheetah-run", out, 2, 1, TINY_EPISODE_LENGTH, "ou", 0, progress=False)
     with pytest.raises(ValueError, match="seeds"):
         collect_dataset("cheetah-run", out, 2, 1, TINY_EPISODE_LENGTH, "sine", 1, progress=False)
+    collect_dataset("cheetah_run", out, 1, 1, TINY_EPISODE_LENGTH, "sine", 0, progress=False)  # fewer: kept
+    assert (out / "train.h5").read_bytes() == before[1]
     collect_dataset("cheetah-run", out, 1, 1, 6, "ou", 0, progress=False, overwrite=True)
     assert summary(out / "train.h5")["rows"] == 7 and summary(out / "train.h5")["policy"] == "ou"
 
