@@ -64,7 +64,8 @@ _PUBLIC_DEFAULTS: dict[str, Any] = dict(
     perceiver_code_dim=256,
 )
 # Per-step [B, T] terms of the cell that forward_sequence returns under the same name.
-_STEP_KEYS = ("kl_z", "kl_sticks", "kl_alpha", "attention_kl", "attention_dynamics", "attention_diversity")
+_STEP_KEYS = ("kl_z", "kl_sticks", "kl_alpha", "attention_kl", "attention_dynamics", "attention_diversity",
+              "prior_means", "prior_logvars", "stick_a", "stick_b", "alpha_shape", "alpha_rate")
 
 
 def gram_anchor_loss(maps: list[Tensor], anchor_maps: list[Tensor]) -> Tensor:
@@ -326,7 +327,9 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         [B, T, C] (c_t), pi [B, T, K], attention_maps / attention_prior_maps [B, T, R, R], slot_maps
         [B, T, S, R, R], and per-step terms [B, T] in nats per frame: recon_nats, kl_z, kl_sticks, kl_alpha,
         cluster_entropy, attention_kl (0 at t = 1), attention_dynamics, attention_diversity, plus K_eff and
-        active_components [B, T]; the Perceiver's scalar losses as perceiver_* (when T >= 2).
+        active_components [B, T]; the prior's parameters at each step (prior_means / prior_logvars
+        [B, T, K, D], stick_a / stick_b [B, T, K-1], alpha_shape / alpha_rate [B, T]); the Perceiver's scalar
+        losses as perceiver_* (when T >= 2).
         """
         return self._forward(observations, actions, is_first, generator)[0]
 

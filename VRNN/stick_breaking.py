@@ -108,9 +108,9 @@ def kl_kumaraswamy_beta(a: Tensor, b: Tensor, alpha: Tensor | float, beta: Tenso
     ``taylor_terms`` = M terms:
         (a - alpha)/a (-gamma - psi(b) - 1/b) + log(a b) + log B(alpha, beta) - (b - 1)/b
         + (beta - 1) b sum_{m=1}^{M} B(m/a, b) / (m + a b).
-    The neglected tail is (beta - 1) * O(Gamma(b) a^b M^-b / b): negligible for b >= 2 at M = 10, but
-    about 10 % of the series for a = b = 1 (the series is 1 - 1/(M+1) there), so the truncated KL is
-    biased low when beta > 1 and sticks have small b. Raise M (``AIMEConfig.taylor_terms``) if that matters.
+    The neglected tail is (beta - 1) * O(Gamma(b) a^b M^-b / b), so the truncated KL is biased low when
+    beta > 1: at M = 10 by about 2.6 % for (a, b, beta) = (2, 3, 3) and about 30 % for (1, 1, 2) (where the
+    series is 1 - 1/(M+1)); exact for beta = 1. Raise M (``AIMEConfig.taylor_terms``) where that matters.
     """
     alpha = torch.as_tensor(alpha, dtype=a.dtype, device=a.device)
     beta = torch.as_tensor(beta, dtype=a.dtype, device=a.device)

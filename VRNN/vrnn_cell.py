@@ -111,7 +111,9 @@ class VRNNCell(nn.Module):
         feature [B, F] (encoder f_t), att_feats [B, R*R, slot_dim] (attention features of x_t), context
         [B, C] (c_t). Returns the per-step terms ([B] unless noted): kl_z, kl_sticks, kl_alpha, entropy,
         k_eff, active, attention_kl, attention_dynamics, attention_diversity, and z [B, D], z_mean,
-        z_logvar, pi [B, K], prior_map / map [B, R, R], slot_maps [B, S, R, R], center [B, 2], s [B, S_att].
+        z_logvar, pi [B, K], prior_map / map [B, R, R], slot_maps [B, S, R, R], center [B, 2], s [B, S_att],
+        and the prior's parameters prior_means / prior_logvars [B, K, D], stick_a / stick_b [B, K-1],
+        alpha_shape / alpha_rate [B].
         """
         params, att_prior = self.prior_step(state)
         mean, logvar = self.posterior(torch.cat([feature, state.h, context], dim=-1))
@@ -124,7 +126,9 @@ class VRNNCell(nn.Module):
                    attention_kl=attention.attention_kl(att_post["map"], att_prior["logits"]),
                    attention_dynamics=attention.dynamics_loss(att_prior["motion"], state.center_prev,
                                                               att_post["center"]),
-                   attention_diversity=attention.diversity(att_post["slot_maps"]))
+                   attention_diversity=attention.diversity(att_post["slot_maps"]),
+                   prior_means=params.means, prior_logvars=params.logvars, stick_a=params.kuma_a,
+                   stick_b=params.kuma_b, alpha_shape=params.alpha_shape, alpha_rate=params.alpha_rate)
         return out
 
     def advance(self, state: RecurrentState, z: Tensor, action: Tensor, context: Tensor, s: Tensor,
