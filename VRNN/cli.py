@@ -104,6 +104,9 @@ def add_training_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="plot attention and slot maps at each evaluation")
     parser.add_argument("--save-visualizations", action="store_true",
                         help="keep the plots of every evaluation, not only the last (plots/step_<N>/)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads per process for torch (0: torch's default, i.e. OMP_NUM_THREADS or all "
+                             "cores); on a shared or busy machine 1 is often much faster")
     parser.add_argument("--stop-file", type=Path, default=None,
                         help="if this file appears, every rank saves a checkpoint and stops at the next step "
                              "(used by run_VRNN_minimum.sh, whose preemption signal may not reach torchrun's "

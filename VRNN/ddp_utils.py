@@ -33,6 +33,8 @@ __all__ = [
     "make_grad_reduce_hook",
     "all_reduce_gradients",
     "all_reduce_buffers",
+    "all_reduce_sum",
+    "install_statistics_hooks",
     "broadcast_module",
     "barrier",
 ]
@@ -165,6 +167,28 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
         else:
             p.grad.copy_(chunk)
         offset += n
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over ranks (a new tensor; the input is left as it is)."""
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def install_statistics_hooks(module: torch.nn.Module) -> int:
+    """Point every submodule's ``reduce_hook`` (batch statistics such as the VQ codebook's per-code counts
+    and sums) at an all-reduce SUM, so the statistics are those of the global batch on every rank.
+    Returns how many hooks were installed (0 in a single process)."""
+    if not is_distributed():
+        return 0
+    count = 0
+    for sub in module.modules():
+        if hasattr(sub, "reduce_hook") and getattr(sub, "reduce_hook") is None:
+            sub.reduce_hook = all_reduce_sum
+            count += 1
+    return count
 
 
 def all_reduce_buffers(module: torch.nn.Module) -> None:

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from VRNN.aime_config import AIMEConfig
 from VRNN.ddp_utils import (DistContext, all_reduce_buffers, all_reduce_flag, all_reduce_gradients,
-                            all_reduce_mean_, barrier, broadcast_module, make_grad_reduce_hook)
+                            all_reduce_mean_, barrier, broadcast_module, install_statistics_hooks,
+                            make_grad_reduce_hook)
 from VRNN.dmc_dataset import DMCVBDataset
 from VRNN.grad_diagnostics import TASK_LOSS_KEYS, GradDiagnostics
 from VRNN.metrics_log import MetricsLogger, to_jsonable
@@ -49,7 +50,7 @@ from VRNN.training_checkpoints import CheckpointManager, all_finite, check_compa
 from VRNN.vrnn_utilities import CheckpointError, get_rng_state, load_checkpoint, set_rng_state
 
 __all__ = ["DMCVBTrainer", "DMCVBDataset", "TrainResult", "NonFiniteTrainingError", "AGGREGATOR_KWARGS",
-           "step_seed", "write_json_atomic"]
+           "step_seed", "write_json_atomic", "make_plots"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class DMCVBTrainer:
             raise ValueError(f"aggregator {config.aggregator!r} is unknown; expected one of {sorted(AGGREGATOR_KWARGS)}")
 
         broadcast_module(self.model)  # identical initialisation on every rank
+        install_statistics_hooks(self.model)  # VQ codebook statistics of the global batch
         self.gen_params = [p for p in model.generator_parameters() if p.requires_grad]
         self.disc_params = [p for p in model.discriminator_parameters() if p.requires_grad]
         c = config
@@ -275,7 +277,7 @@ class DMCVBTrainer:
                 self.disc_optimizer.step()
             else:
                 logger.warning("step %d: non-finite discriminator gradient; discriminator step skipped", self.step)
-            disc_scalars = {f"disc/{k}": float(v) for k, v in d.items()
+            disc_scalars = {f"disc/{k}": float(v.detach()) for k, v in d.items()
                             if isinstance(v, torch.Tensor) and v.numel() == 1}
             disc_scalars["disc/grad_norm"] = disc_norm
         self.disc_scheduler.step()
@@ -285,7 +287,7 @@ class DMCVBTrainer:
         self.nonfinite_in_row = 0
 
         self.grad_diag.update_from_rgb(self.step, diag)
-        scalars = {k: float(v) for k, v in losses.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        scalars = {k: float(v.detach()) for k, v in losses.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
         scalars.update(disc_scalars)
         scalars.update({"beta": beta, "adversarial_weight": adv, "grad_norm": grad_norm,
                         "lr": self.optimizer.param_groups[0]["lr"],
@@ -353,12 +355,10 @@ class DMCVBTrainer:
         barrier()
         return result
 
-    def make_plots(self, plots_dir: Path, evaluation: dict[str, Any]) -> list[Path]:
+    def make_plots(self, plots_dir: Path, evaluation: dict[str, Any]) -> dict[str, Path]:
         """Every evaluation figure of the EMA model into ``plots_dir`` (rank 0)."""
-        from VRNN.evaluation import make_evaluation_plots
-
-        return make_evaluation_plots(self.ema.module, self.eval_data, self.config, plots_dir,
-                                     metrics_path=self.run_dir / "metrics.jsonl", evaluation=evaluation)
+        return make_plots(self.ema.module, self.eval_data, self.config, plots_dir, evaluation,
+                          self.run_dir / "metrics.jsonl")
 
     # ----------------------------------------------------------------------------------------------
     def train(self, until: Optional[int] = None) -> TrainResult:
@@ -424,6 +424,18 @@ class DMCVBTrainer:
             if bpd is not None and bpd < self.best_bits_per_dim:
                 self.best_bits_per_dim, best = bpd, True
         self.save_checkpoint(best=best or not (self.checkpoints.dir / "best.pt").exists())
+
+
+def make_plots(model: torch.nn.Module, eval_data, config: AIMEConfig, plots_dir: Path, evaluation: dict[str, Any],
+               metrics_path: Optional[Path] = None) -> dict[str, Path]:
+    """``evaluation.make_evaluation_plots`` on the first ``batch_size`` held-out windows."""
+    from VRNN.evaluation import make_evaluation_plots
+
+    loader = DataLoader(eval_data, batch_size=min(config.batch_size, len(eval_data)), shuffle=False)
+    batch = next(iter(loader))
+    return make_evaluation_plots(model, batch, evaluation, plots_dir, visualize_attention=True,
+                                 metrics_path=metrics_path if metrics_path and Path(metrics_path).is_file() else None,
+                                 seed=config.seed)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:

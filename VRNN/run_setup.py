@@ -132,6 +132,10 @@ def run_job(argv: Optional[list[str]], description: str, report: bool) -> int:
     parser = build_parser(description, argv)
     add_training_flags(parser)
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads {args.threads} is invalid: expected 0 (torch's default) or a positive count")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)
     setup_logging(rank=ctx.rank)
     try:
@@ -233,8 +237,9 @@ def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: D
 
 def _write_outputs(run_dir: Path, model, eval_data, config: AIMEConfig, evaluation: dict) -> None:
     """All plots and report.md of a finished run (rank 0)."""
-    from VRNN.evaluation import make_evaluation_plots, write_report
+    from VRNN.dmc_vb_transition_dynamics_trainer import make_plots
+    from VRNN.evaluation import write_report
 
-    plots = make_evaluation_plots(model, eval_data, config, run_dir / "plots", metrics_path=run_dir / "metrics.jsonl",
-                                  evaluation=evaluation)
-    write_report(run_dir, config, evaluation, plots)
+    plots = make_plots(model, eval_data, config, Path(run_dir) / "plots", evaluation, Path(run_dir) / "metrics.jsonl")
+    report = write_report(run_dir, evaluation, plots, config)
+    logger.info("report written to %s", report)
