@@ -8,6 +8,16 @@ from VRNN.attention_schema import AttentionSchema, center_of_mass, upsample_map
 H, C, D, A = 12, 6, 4, 8
 
 
+@pytest.fixture
+def one_thread():
+    """The few-step training tests run single-threaded: on a shared two-core machine, intra-op threads
+    mostly wait on each other for tensors this small."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make(resolution=8, slots=3, seed=0):
     torch.manual_seed(seed)
     return AttentionSchema(H, C, D, A, resolution=resolution, num_slots=slots, slot_dim=8, iterations=2)
@@ -170,7 +180,7 @@ def test_bad_shapes_raise():
         m.attention_kl(torch.rand(2, 8, 8), torch.rand(2, 10))
 
 
-def test_posterior_learns_to_attend_to_a_bright_square():
+def test_posterior_learns_to_attend_to_a_bright_square(one_thread):
     """A few Adam steps move the map's mass onto the salient 16 x 16 square (uniform share: 4/64)."""
     m = make(resolution=8)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
@@ -191,7 +201,7 @@ def test_posterior_learns_to_attend_to_a_bright_square():
     assert m.diversity(post["slot_maps"]).mean() < 0.5
 
 
-def test_prior_learns_a_shift_and_its_motion():
+def test_prior_learns_a_shift_and_its_motion(one_thread):
     """Maps that move one cell right each step: the prior's KL falls and the motion head finds dx = 2/R."""
     m = make(resolution=8)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)

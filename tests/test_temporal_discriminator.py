@@ -14,6 +14,16 @@ from VRNN.temporal_discriminator import (
 D = 3
 
 
+@pytest.fixture
+def one_thread():
+    """The few-step training tests run single-threaded: on a shared two-core machine, intra-op threads
+    mostly wait on each other for tensors this small."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make(layers=1, seed=0, **kw):
     torch.manual_seed(seed)
     return TemporalDiscriminator(D, channels=8, num_layers=layers, num_heads=2, **kw)
@@ -64,7 +74,7 @@ def test_sequence_score_sees_the_first_frame():
 
 
 @pytest.mark.parametrize("kind", ["hinge", "wgan-gp"])
-def test_discriminator_learns_to_separate(kind):
+def test_discriminator_learns_to_separate(kind, one_thread):
     d = make()
     opt = torch.optim.Adam(d.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
