@@ -183,3 +183,15 @@ def test_fast_render_settings_are_applied():
         assert env.physics.model.vis.quality.offsamples == 0
     finally:
         env.close()
+
+
+def test_reused_camera_renders_what_physics_render_gives():
+    env = make_env("walker-walk", seed=0, episode_length=3)
+    try:
+        env.reset(seed=2)
+        env.step(np.full(env.action_dim, 0.7))
+        frame = env.render()
+        reference = env.physics.render(64, 64, camera_id=env.spec.camera)
+        assert np.array_equal(frame, reference)
+    finally:
+        env.close()
