@@ -1,0 +1,202 @@
+"""DMCVBTrainer and the scripts end to end on the smoke preset and a tiny real cheetah-run dataset:
+outputs of a run, --eval-only reproducing eval.json, exact resume, schedules and the data-order sampler."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from VRNN.aime_config import AIMEConfig
+from VRNN.resumable_sampler import ResumableBatchSampler
+from VRNN.schedules import WarmupCosine, adversarial_weight_at, beta_at
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOTS = ("loss_curves.png", "reconstruction.png", "open_loop.png", "psnr_vs_horizon.png", "mixture_weights.png",
+         "attention.png", "grad_cosines.png")
+
+
+def run_script(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    # One thread: tiny ops on a busy 2-core machine are many times slower with OpenMP spinning threads.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tiny_dmc_data, tmp_path_factory):
+    """``python VRNN/main.py --env cheetah-run --preset smoke`` once for this module (4 steps)."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    out = run_script("VRNN/main.py", "--env", "cheetah_run", "--preset", "smoke", "--data-dir", str(tiny_dmc_data),
+                     "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+def test_main_writes_every_output(smoke_run):
+    run_dir = smoke_run
+    config = AIMEConfig.from_json(run_dir / "config.json")
+    assert config.env == "cheetah-run" and config.action_dim == 6 and config.max_steps == 4
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "total_vae_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for key in ("beta", "lr", "grad_norm", "K_eff", "step_time_s", "perceiver_loss", "attention_loss",
+                "adversarial_loss", "grad_norm/vae", "disc/disc_loss"):
+        assert key in train_rows[-1], key
+    assert train_rows[0]["beta"] == pytest.approx(0.5) and train_rows[-1]["beta"] == pytest.approx(1.0)
+    assert any(k.startswith("grad_cos/") for k in train_rows[-1])
+    assert any("eval/recon_psnr" in r for r in rows)
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert evaluation["step"] == 4 and evaluation["used_ema"] is True
+    assert len(evaluation["pred_psnr"]) == config.eval_horizon and evaluation["bits_per_dim"] > 0
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["best.pt", "latest.pt", "step_00000002.pt", "step_00000004.pt"]
+    for name in PLOTS:
+        png = run_dir / "plots" / name
+        assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    report = (run_dir / "report.md").read_text()
+    assert "plots/open_loop.png" in report and "cheetah-run" in report
+
+
+def test_checkpoint_contents(smoke_run):
+    from VRNN.vrnn_utilities import load_checkpoint
+
+    payload = load_checkpoint(smoke_run / "checkpoints" / "latest.pt")
+    for key in ("config", "action_dim", "model", "ema", "optimizer", "disc_optimizer", "scheduler",
+                "disc_scheduler", "aggregator", "step", "position", "rng", "best_bits_per_dim"):
+        assert key in payload, key
+    assert payload["step"] == 4 and payload["position"] == 4 and payload["aggregator"]["d"] is not None
+
+
+def test_eval_only_reproduces_eval_json(smoke_run, tiny_dmc_data, tmp_path):
+    out = run_script("VRNN/training_vrnn.py", "--eval-only", "--load-checkpoint",
+                     str(smoke_run / "checkpoints" / "latest.pt"), "--data-dir", str(tiny_dmc_data),
+                     "--run-dir", str(tmp_path / "again"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    original = json.loads((smoke_run / "eval.json").read_text())
+    assert_json_close(again, original)
+
+
+def assert_json_close(a, b, path="eval.json"):
+    """Same keys and values, floats within 1e-5 relative (the same weights on the same windows)."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and a.keys() == b.keys(), path
+        for key in b:
+            assert_json_close(a[key], b[key], f"{path}/{key}")
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_json_close(x, y, f"{path}[{i}]")
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), path
+    else:
+        assert a == b, path
+
+
+def test_resume_with_another_config_is_refused(smoke_run, tiny_dmc_data):
+    out = run_script("VRNN/training_vrnn.py", "--env", "cheetah-run", "--preset", "smoke", "--resume",
+                     "--latent-dim", "5", "--hidden-dim", "12", "--data-dir", str(tiny_dmc_data),
+                     "--run-dir", str(smoke_run))
+    assert out.returncode == 2
+    assert "differing fields" in out.stderr and "latent_dim: checkpoint 4, this run 5" in out.stderr
+    assert "hidden_dim: checkpoint 16, this run 12" in out.stderr
+    # the run directory is untouched: same config, same checkpoints
+    assert AIMEConfig.from_json(smoke_run / "config.json").latent_dim == 4
+    out = run_script("VRNN/training_vrnn.py", "--eval-only", "--load-checkpoint",
+                     str(smoke_run / "checkpoints" / "latest.pt"), "--preset", "smoke", "--latent-dim", "5",
+                     "--data-dir", str(tiny_dmc_data))
+    assert out.returncode == 2 and "latent_dim (checkpoint 4, flag 5)" in out.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process trainer tests
+def make_trainer(data_dir: Path, run_dir: Path, **overrides):
+    from VRNN.dmc_vb_transition_dynamics_trainer import DMCVBTrainer
+    from VRNN.run_setup import build_model, load_datasets
+    from VRNN.vrnn_utilities import seed_everything
+
+    config = AIMEConfig.preset("smoke", **{"eval_every": 1000, "checkpoint_every": 1000, **overrides})
+    train, evaluation = load_datasets(config, data_dir / "train.h5", data_dir / "eval.h5")
+    config = config.replace(action_dim=train.action_dim)
+    seed_everything(config.seed)
+    model = build_model(config, train.action_dim, torch.device("cpu"))
+    return DMCVBTrainer(model, train, evaluation, config, run_dir, progress=False)
+
+
+def _params(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_equals_uninterrupted(tiny_dmc_data, tmp_path):
+    torch.set_num_threads(1)
+    straight = make_trainer(tiny_dmc_data, tmp_path / "straight", max_steps=4)
+    straight.train()
+    first = make_trainer(tiny_dmc_data, tmp_path / "resumed", max_steps=4)
+    result = first.train(until=2)
+    assert result.reason == "until" and result.step == 2
+    # Disturb the global RNG between the two halves: the resumed run must not depend on it.
+    torch.rand(123)
+    second = make_trainer(tiny_dmc_data, tmp_path / "resumed", max_steps=4)
+    second.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pt")
+    assert second.step == 2 and second.position == 2
+    second.train()
+    a, b = _params(straight), _params(second)
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    ema_a, ema_b = straight.ema.state_dict(), second.ema.state_dict()
+    assert max((ema_a[k].float() - ema_b[k].float()).abs().max().item() for k in ema_a) <= 1e-6
+    assert straight.aggregator.state_dict()["step"] == second.aggregator.state_dict()["step"] == 4
+    # metrics.jsonl of the resumed run reads like one run
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "total_vae_loss" in r]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_aggregator_choice_and_parameter_groups(tiny_dmc_data, tmp_path):
+    torch.set_num_threads(1)
+    trainer = make_trainer(tiny_dmc_data, tmp_path / "sum", aggregator="sum", max_steps=1)
+    assert type(trainer.aggregator).__name__ == "SumAggregator"
+    names = {g.get("name") for g in trainer.optimizer.param_groups}
+    assert {"perceiver", "attention", "base"} <= {n.split("/")[0] for n in names}
+    n_opt = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in trainer.model.generator_parameters())
+    before = [p.detach().clone() for p in trainer.model.discriminator_parameters()]
+    trainer.train()
+    after = list(trainer.model.discriminator_parameters())
+    assert any(not torch.equal(x, y) for x, y in zip(before, after)), "the discriminator did not train"
+
+
+# --------------------------------------------------------------------------------------------------
+def test_schedules():
+    assert beta_at(0, 1.0, 4) == pytest.approx(0.25) and beta_at(3, 1.0, 4) == 1.0 and beta_at(99, 2.0, 4) == 2.0
+    assert adversarial_weight_at(0, 0) == 1.0
+    f = WarmupCosine(warmup_steps=10, max_steps=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    values = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_sampler_is_a_function_of_seed_and_position():
+    full = ResumableBatchSampler(10, 4, seed=3)
+    it = iter(full)
+    seq = [next(it) for _ in range(7)]
+    assert all(len(b) == 4 for b in seq)
+    # each epoch (2 batches of 4 out of 10) uses distinct indices
+    assert len(set(seq[0] + seq[1])) == 8
+    resumed = iter(ResumableBatchSampler(10, 4, seed=3, start=5))
+    assert [next(resumed) for _ in range(2)] == seq[5:7]
+    ranks = [ResumableBatchSampler(10, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for pos in range(4):
+        assert ranks[0].local_indices(pos) + ranks[1].local_indices(pos) == full.global_indices(pos)
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        ResumableBatchSampler(10, 3, seed=0, world_size=2)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ResumableBatchSampler(3, 4, seed=0)
