@@ -81,9 +81,10 @@ class DiscretizedLogisticMixture(nn.Module):
         b = means[:, 2] + coeffs[:, 1] * x[:, 0] + coeffs[:, 2] * x[:, 1]
         return torch.stack([r, g, b], dim=1)
 
-    def log_prob_pixels(self, params: Tensor, x: Tensor) -> Tensor:
-        """log p(x) per pixel: params [N, 10M, H, W], x [N, 3, H, W] in [-1, 1] -> [N, H, W] nats."""
-        logits, means, log_scales, coeffs = self._split(params)
+    def channel_log_probs(self, params: Tensor, x: Tensor) -> Tensor:
+        """Per component and channel, the conditional log p_m(x_c | x_<c) of each channel's bin:
+        params [N, 10M, H, W], x [N, 3, H, W] in [-1, 1] -> [N, 3, M, H, W] nats."""
+        _, means, log_scales, coeffs = self._split(params)
         xe = x.unsqueeze(2)                                           # [N, 3, 1, H, W]
         centered = xe - self._coupled_means(means, coeffs, xe)
         inv_s = torch.exp(-log_scales)
@@ -96,9 +97,12 @@ class DiscretizedLogisticMixture(nn.Module):
         log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in) + _LOG_BIN
         # Interior bins: log of the CDF difference, or the density x width when the difference underflows.
         interior = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid)
-        log_probs = torch.where(xe < -_EDGE, log_cdf_plus,
-                                torch.where(xe > _EDGE, log_one_minus_cdf_min, interior))
-        log_probs = log_probs.sum(1) + F.log_softmax(logits, dim=1)  # [N, M, H, W]
+        return torch.where(xe < -_EDGE, log_cdf_plus, torch.where(xe > _EDGE, log_one_minus_cdf_min, interior))
+
+    def log_prob_pixels(self, params: Tensor, x: Tensor) -> Tensor:
+        """log p(x) per pixel: params [N, 10M, H, W], x [N, 3, H, W] in [-1, 1] -> [N, H, W] nats.
+        log sum_m pi_m prod_c p_m(x_c | x_<c)."""
+        log_probs = self.channel_log_probs(params, x).sum(1) + F.log_softmax(params[:, :self.num_mixtures], dim=1)
         return torch.logsumexp(log_probs, dim=1)
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
@@ -151,8 +155,8 @@ class DiscretizedGaussian(nn.Module):
         if params.shape[1] != self.num_params:
             raise ValueError(f"expected {self.num_params} parameter channels (the means), got {params.shape[1]}")
 
-    def log_prob_pixels(self, params: Tensor, x: Tensor) -> Tensor:
-        """params [N, 3, H, W] (means), x [N, 3, H, W] in [-1, 1] -> [N, H, W] nats."""
+    def channel_log_probs(self, params: Tensor, x: Tensor) -> Tensor:
+        """log p(x_c) of each channel's bin: params [N, 3, H, W] (means), x [N, 3, H, W] -> [N, 3, H, W]."""
         self._check(params)
         log_s = self.log_scale.clamp(min=-7.0).view(1, -1, 1, 1)
         inv_s = torch.exp(-log_s)
@@ -164,9 +168,12 @@ class DiscretizedGaussian(nn.Module):
         lo = torch.where(flip, -upper, lower)
         log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
         interior = log_hi + _log1mexp(log_lo - log_hi)
-        log_probs = torch.where(x < -_EDGE, torch.special.log_ndtr(upper),
-                                torch.where(x > _EDGE, torch.special.log_ndtr(-lower), interior))
-        return log_probs.sum(1)
+        return torch.where(x < -_EDGE, torch.special.log_ndtr(upper),
+                           torch.where(x > _EDGE, torch.special.log_ndtr(-lower), interior))
+
+    def log_prob_pixels(self, params: Tensor, x: Tensor) -> Tensor:
+        """params [N, 3, H, W] (means), x [N, 3, H, W] in [-1, 1] -> [N, H, W] nats (channels independent)."""
+        return self.channel_log_probs(params, x).sum(1)
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         return self.log_prob_pixels(params, x).sum((-2, -1))
