@@ -1,0 +1,262 @@
+"""The world model's contract: configuration, output shapes and scales, causality (MODEL.md §1), gradient
+routing of the four tasks, and input validation. Smoke-sized, CPU."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from VRNN.aime_config import AIMEConfig
+from VRNN.dpgmm_stickbreaking_prior_vrnn import TASK_LOSS_KEYS, DPGMMVariationalRecurrentAutoencoder
+from VRNN.ema import ModelEMA
+
+A = 3
+B, T = 2, 4
+
+
+def _model(seed: int = 0, **overrides) -> DPGMMVariationalRecurrentAutoencoder:
+    torch.manual_seed(seed)
+    return DPGMMVariationalRecurrentAutoencoder.from_config(AIMEConfig.preset("smoke", **overrides), action_dim=A)
+
+
+def _batch(seed: int = 0, b: int = B, t: int = T):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randint(0, 256, (b, t, 3, 64, 64), generator=g, dtype=torch.uint8)
+    actions = torch.rand(b, t, A, generator=g) * 2 - 1
+    return obs, actions
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_resolution_and_public_keywords():
+    smoke = AIMEConfig.preset("smoke")
+    m = DPGMMVariationalRecurrentAutoencoder(latent_dim=5, action_dim=2, config=smoke)
+    assert m.config.latent_dim == 5 and m.config.action_dim == 2 and m.action_dim == 2
+    assert m.config.hidden_dim == smoke.hidden_dim  # keyword left at its default: the config's value
+    assert m.config.replace(latent_dim=smoke.latent_dim, action_dim=smoke.action_dim) == smoke
+    m2 = DPGMMVariationalRecurrentAutoencoder.from_config(smoke, action_dim=7)
+    assert m2.config == smoke.replace(action_dim=7)
+    with pytest.raises(ValueError, match="AIMEConfig"):
+        DPGMMVariationalRecurrentAutoencoder(config={"latent_dim": 3})
+
+
+def test_forward_shapes_and_loss_scale(model):
+    obs, actions = _batch()
+    losses, out = model.compute_total_loss(obs, actions)
+    c = model.config
+    k, r, s = c.max_components, c.attention_resolution, c.num_slots
+    expected = {
+        "reconstructions": (B, T, 3, 64, 64), "latents": (B, T, c.latent_dim), "z_means": (B, T, c.latent_dim),
+        "z_logvars": (B, T, c.latent_dim), "hidden_states": (B, T, c.hidden_dim), "context": (B, T, c.context_dim),
+        "pi": (B, T, k), "attention_maps": (B, T, r, r), "attention_prior_maps": (B, T, r, r),
+        "slot_maps": (B, T, s, r, r), "recon_nats": (B, T), "kl_z": (B, T), "kl_sticks": (B, T),
+        "kl_alpha": (B, T), "cluster_entropy": (B, T), "attention_kl": (B, T), "K_eff": (B, T),
+        "prior_means": (B, T, k, c.latent_dim), "stick_a": (B, T, k - 1),
+    }
+    for key, shape in expected.items():
+        assert tuple(out[key].shape) == shape, key
+    assert all(isinstance(v, torch.Tensor) for v in out.values())
+    assert bool((out["reconstructions"].abs() <= 1).all())
+    assert torch.allclose(out["pi"].sum(-1), torch.ones(B, T), atol=1e-5)
+    assert torch.allclose(out["attention_maps"].sum((-2, -1)), torch.ones(B, T), atol=1e-5)
+    for key in TASK_LOSS_KEYS + ("recon_loss", "kl_z", "kl_sticks", "kl_alpha", "hierarchical_kl",
+                                 "cluster_entropy", "attention_kl", "attention_dynamics_loss",
+                                 "attention_diversity", "gram_enc_loss", "bits_per_dim", "K_eff"):
+        assert losses[key].dim() == 0 and bool(torch.isfinite(losses[key])), key
+    dims = 3 * 64 * 64
+    losses = {k: v.detach() for k, v in losses.items()}
+    assert float(losses["recon_loss"]) == pytest.approx(float(out["recon_nats"].mean()) / dims, rel=1e-5)
+    assert float(losses["hierarchical_kl"]) == pytest.approx(float(losses["kl_sticks"] + losses["kl_alpha"]),
+                                                             rel=1e-5)
+    nelbo = losses["recon_loss"] + losses["kl_z"] + losses["kl_sticks"] + losses["kl_alpha"]
+    assert float(losses["bits_per_dim"]) == pytest.approx(float(nelbo) / math.log(2), rel=1e-5)
+    # Each weight applied once: the ELBO task equals its documented combination.
+    expected_total = (losses["recon_loss"] + (losses["kl_z"] + losses["hierarchical_kl"])
+                      - 0.6 * losses["cluster_entropy"])
+    assert float(losses["total_vae_loss"]) == pytest.approx(float(expected_total), rel=1e-5)
+    # An untrained model is near or above the uniform 8 bits/dim, and far below absurd values.
+    assert 4.0 < float(losses["bits_per_dim"]) < 14.0
+
+
+def test_loss_weights_scale_their_terms(model):
+    obs, actions = _batch()
+    torch.manual_seed(3)
+    l1, _ = model.compute_total_loss(obs, actions, beta=1.0, adversarial_weight=1.0)
+    torch.manual_seed(3)
+    l2, _ = model.compute_total_loss(obs, actions, beta=0.0, adversarial_weight=0.0, entropy_weight=0.0)
+    assert float(l2["total_vae_loss"]) == pytest.approx(float(l2["recon_loss"]), rel=1e-5)
+    assert float(l2["adversarial_loss"]) == 0.0 and float(l1["adversarial_loss"]) != 0.0
+    assert float(l2["attention_loss"]) < float(l1["attention_loss"]) + 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ causality
+def _run(model, obs, actions, seed=0, is_first=None):
+    torch.manual_seed(seed)
+    return model.forward_sequence(obs, actions, is_first=is_first, generator=torch.Generator().manual_seed(seed))
+
+
+def test_causality_prior_attention_prior_and_h_ignore_present_and_future(model):
+    model.eval()  # no codebook updates; same noise through the seeded generator
+    obs, actions = _batch(1)
+    obs = obs.float() / 127.5 - 1
+    k = 2
+    perturbed = obs.clone()
+    perturbed[:, k:] = torch.rand_like(perturbed[:, k:]) * 2 - 1
+    base, pert = _run(model, obs, actions), _run(model, perturbed, actions)
+    at_or_before = ("hidden_states", "prior_means", "prior_logvars", "stick_a", "stick_b", "alpha_shape",
+                    "alpha_rate", "attention_prior_maps", "pi", "kl_sticks", "kl_alpha")
+    for key in at_or_before:  # functions of x_{<t}: unchanged at t <= k
+        assert torch.equal(base[key][:, :k + 1], pert[key][:, :k + 1]), key
+    for key in ("z_means", "context", "attention_maps", "recon_nats", "kl_z"):  # x_{<=t}: unchanged at t < k
+        assert torch.equal(base[key][:, :k], pert[key][:, :k]), key
+    # The posterior and the context at t = k do see x_k.
+    assert not torch.allclose(base["z_means"][:, k], pert["z_means"][:, k])
+    assert not torch.allclose(base["context"][:, k], pert["context"][:, k])
+    # And x_k reaches h_{k+1}, hence the prior at k + 1.
+    assert not torch.allclose(base["hidden_states"][:, k + 1], pert["hidden_states"][:, k + 1])
+    model.train()
+
+
+def test_actions_enter_after_their_frame(model):
+    model.eval()
+    obs, actions = _batch(2)
+    changed = actions.clone()
+    changed[:, 1] = -actions[:, 1]
+    base, pert = _run(model, obs, actions), _run(model, obs, changed)
+    # a_1 (taken after x_1) first reaches h_2.
+    assert torch.equal(base["hidden_states"][:, :2], pert["hidden_states"][:, :2])
+    assert not torch.allclose(base["hidden_states"][:, 2], pert["hidden_states"][:, 2])
+    model.train()
+
+
+def test_is_first_resets_the_state(model):
+    model.eval()
+    obs, actions = _batch(3)
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[0, 2] = True
+    out = _run(model, obs, actions, is_first=is_first)
+    h1 = out["hidden_states"][:, 0]
+    assert torch.allclose(out["hidden_states"][0, 2], h1[0])       # back to the learned h_1
+    assert not torch.allclose(out["hidden_states"][1, 2], h1[1])   # the other row carries on
+    model.train()
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+def test_every_task_reaches_its_modules_and_nothing_is_detached():
+    model = _model(1)
+    with torch.no_grad():  # open the residual gates (initialised at 0, which zeroes their bodies' gradients)
+        for name, p in model.named_parameters():
+            if name.endswith(".gate"):
+                p.fill_(0.1)
+    ema = ModelEMA(model, 0.9)
+    with torch.no_grad():  # make the EMA encoder differ so that Gram anchoring has something to pull
+        for p in model.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    obs, actions = _batch(4)
+    losses, _ = model.compute_total_loss(obs, actions, ema_model=ema.module, lambda_gram=0.05)
+    assert float(losses["gram_enc_loss"]) > 0
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("discriminator.")]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    reached = {}
+    for key in TASK_LOSS_KEYS:
+        grads = torch.autograd.grad(losses[key], params, allow_unused=True, retain_graph=True)
+        reached[key] = {n for n, g in zip(names, grads) if g is not None and float(g.abs().sum()) > 0}
+
+    def hits(key, prefix):
+        return any(n.startswith(prefix) for n in reached[key])
+
+    assert hits("total_vae_loss", "perceiver.tokenizer.")          # ELBO trains the Perceiver via c_t
+    assert hits("total_vae_loss", "perceiver.temporal.")
+    for prefix in ("encoder.", "decoder.", "cell.prior.", "cell.posterior.", "cell.lstm.", "cell.attention.",
+                   "cell.lstm.h0"):
+        assert hits("total_vae_loss", prefix), prefix
+    assert hits("perceiver_loss", "perceiver.tokenizer.") and hits("perceiver_loss", "perceiver.decoder.")
+    assert not hits("perceiver_loss", "decoder.")
+    assert hits("attention_loss", "cell.attention.prior_") and hits("attention_loss", "cell.attention.motion_head")
+    assert hits("attention_loss", "cell.attention.features.")
+    assert hits("adversarial_loss", "decoder.")                      # the adversarial task reaches the decoder
+    # Nothing silently detached: the four tasks together reach every generator parameter.
+    unreached = [n for n in names if not any(n in r for r in reached.values())]
+    assert not unreached, unreached
+    # Gram anchoring pulls the encoder (only through the ELBO task).
+    g = torch.autograd.grad(losses["gram_enc_loss"], list(model.encoder.parameters()), allow_unused=True)
+    assert any(x is not None and float(x.abs().sum()) > 0 for x in g)
+
+
+def test_discriminator_loss_trains_only_the_discriminator(model):
+    obs, actions = _batch(5)
+    _, out = model.compute_total_loss(obs, actions)
+    d = model.discriminator_loss(obs, out)
+    assert {"disc_loss", "real_score", "fake_score"} <= set(d)
+    gen = model.generator_parameters()
+    grads = torch.autograd.grad(d["disc_loss"], gen + model.discriminator_parameters(), allow_unused=True)
+    assert all(g is None for g in grads[:len(gen)])
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads[len(gen):])
+    ids = {id(p) for p in gen}
+    assert not ids & {id(p) for p in model.discriminator_parameters()}
+    assert len(gen) + len(model.discriminator_parameters()) == len(list(model.parameters()))
+
+
+def test_wgan_gp_discriminator_loss():
+    model = _model(2, disc_loss="wgan-gp")
+    obs, actions = _batch(6)
+    _, out = model.compute_total_loss(obs, actions)
+    d = model.discriminator_loss(obs, out)
+    assert "gradient_penalty" in d and bool(torch.isfinite(d["disc_loss"]))
+    d["disc_loss"].backward()
+
+
+def test_parameter_groups_cover_generator_once(model):
+    groups = model.parameter_groups(1e-3, 0.01)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.generator_parameters()}
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["perceiver"]["lr"] == pytest.approx(1.5e-3)
+    assert by_name["attention"]["lr"] == pytest.approx(1.2e-3)
+    assert by_name["initial_state/no_decay"]["lr"] == pytest.approx(1e-4)
+    for g in groups:
+        if g["name"].endswith("no_decay"):
+            assert g["weight_decay"] == 0.0 and all(p.dim() < 2 or g["name"].startswith("initial") for p in g["params"])
+        else:
+            assert g["weight_decay"] == 0.01 and all(p.dim() >= 2 for p in g["params"])
+    torch.optim.AdamW(groups)  # accepted as is
+
+
+# ------------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("bad,match", [
+    (lambda o, a: (o[0], a), "shape"),                                          # rank 4
+    (lambda o, a: (o[:, :, :2], a), "shape"),                                   # 2 channels
+    (lambda o, a: (o.float(), a), r"\[-1, 1\]"),                                # float frames in [0, 255]
+    (lambda o, a: (o.to(torch.int32), a), "dtype"),
+    (lambda o, a: (torch.full(o.shape, float("nan")), a), "NaN"),
+    (lambda o, a: (o[..., :32, :32], a), "input_dim"),                          # wrong size
+    (lambda o, a: (o, a[..., :2]), "A=3"),                                      # action size
+    (lambda o, a: (o, a[:, :3]), "T=4"),                                        # T mismatch
+    (lambda o, a: (o, a[:1]), "B=2"),                                           # B mismatch
+    (lambda o, a: (o, torch.full_like(a, float("inf"))), "NaN or inf"),
+])
+def test_bad_inputs_raise_clear_errors(model, bad, match):
+    obs, actions = _batch()
+    o, a = bad(obs, actions)
+    with pytest.raises(ValueError, match=match):
+        model.forward_sequence(o, a)
+
+
+def test_resize_only_when_input_dim_says_so():
+    model = _model(0, input_dim=32)
+    obs, actions = _batch(b=1, t=2)
+    small = torch.nn.functional.interpolate(obs.float().flatten(0, 1), size=(32, 32)).view(1, 2, 3, 32, 32) / 127.5 - 1
+    with pytest.warns(UserWarning, match="resizing"):
+        out = model.forward_sequence(small, actions)
+    assert out["reconstructions"].shape == (1, 2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.forward_sequence(obs, actions)  # 64 x 64 frames need no resize and raise no warning
