@@ -150,6 +150,7 @@ class DMCVBTrainer:
         self.position = 0         # batches consumed (>= step: skipped non-finite steps consume a batch)
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+        self._buffers_before: dict[str, torch.Tensor] = {}
         self.best_bits_per_dim = math.inf
         self.last_checkpoint: Optional[Path] = None
         self.last_evaluation: Optional[dict[str, Any]] = None
@@ -240,6 +241,9 @@ class DMCVBTrainer:
         adv = adversarial_weight_at(self.step, c.adversarial_warmup_steps)
         self.model.train()
         t0 = time.perf_counter()
+        # The forward pass updates statistics buffers (the VQ codebook's EMA); a skipped step restores them
+        # so that a non-finite batch cannot poison them.
+        self._buffers_before = {k: b.detach().clone() for k, b in self.model.named_buffers()}
         with self._autocast():
             losses, outputs = self.model.compute_total_loss(
                 obs, actions, beta=beta, entropy_weight=c.entropy_weight, lambda_recon=c.lambda_recon,
@@ -296,6 +300,10 @@ class DMCVBTrainer:
         return scalars
 
     def _skip(self, why: str) -> None:
+        with torch.no_grad():
+            for name, buf in self.model.named_buffers():
+                if name in self._buffers_before:
+                    buf.copy_(self._buffers_before[name])
         self.nonfinite_total += 1
         self.nonfinite_in_row += 1
         logger.warning("step %d skipped: %s [%d in a row, %d in total]", self.step, why,
