@@ -3,8 +3,9 @@ rank queries, and the collective operations the trainer needs to keep every rank
 
 The trainer does not wrap the model in ``DistributedDataParallel``: RGB needs the per-task gradient
 matrix [T, D], so ranks exchange that matrix (``grad_reduce_hook``, an all-reduce mean) before aggregation
-and every rank applies the same update. The discriminator's gradients and the model's floating-point
-buffers (e.g. running statistics) are all-reduce-averaged the same way.
+and every rank applies the same update. The discriminator's gradients are all-reduce-averaged the same
+way, batch statistics of submodules with a ``reduce_hook`` (the VQ codebook) are summed over ranks, and
+rank 0's buffers are broadcast after each step.
 
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment, or ``WORLD_SIZE=1``) every helper is a no-op
 and ``DistContext`` describes a single process.
@@ -32,7 +33,7 @@ __all__ = [
     "all_reduce_flag",
     "make_grad_reduce_hook",
     "all_reduce_gradients",
-    "all_reduce_buffers",
+    "broadcast_buffers",
     "all_reduce_sum",
     "install_statistics_hooks",
     "broadcast_module",
@@ -191,13 +192,18 @@ def install_statistics_hooks(module: torch.nn.Module) -> int:
     return count
 
 
-def all_reduce_buffers(module: torch.nn.Module) -> None:
-    """Average the floating-point buffers (running statistics, EMA codebooks) over ranks."""
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (running statistics, the VQ codebook) to every rank.
+
+    Batch statistics are already global through ``install_statistics_hooks``; what may still differ is
+    state a module derives from its local batch alone (e.g. codebook initialisation or dead-code restarts
+    from local vectors), and rank ``src``'s version is taken so that the ranks stay identical.
+    """
     if not is_distributed():
         return
-    for buf in module.buffers():
-        if torch.is_floating_point(buf):
-            all_reduce_mean_(buf.data)
+    with torch.no_grad():
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=src)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

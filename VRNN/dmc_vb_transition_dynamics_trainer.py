@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from VRNN.aime_config import AIMEConfig
-from VRNN.ddp_utils import (DistContext, all_reduce_buffers, all_reduce_flag, all_reduce_gradients,
-                            all_reduce_mean_, barrier, broadcast_module, install_statistics_hooks,
+from VRNN.ddp_utils import (DistContext, all_reduce_flag, all_reduce_gradients,
+                            all_reduce_mean_, barrier, broadcast_buffers, broadcast_module, install_statistics_hooks,
                             make_grad_reduce_hook)
 from VRNN.dmc_dataset import DMCVBDataset
 from VRNN.grad_diagnostics import TASK_LOSS_KEYS, GradDiagnostics
@@ -129,7 +129,6 @@ class DMCVBTrainer:
             raise ValueError(f"aggregator {config.aggregator!r} is unknown; expected one of {sorted(AGGREGATOR_KWARGS)}")
 
         broadcast_module(self.model)  # identical initialisation on every rank
-        install_statistics_hooks(self.model)  # VQ codebook statistics of the global batch
         self.gen_params = [p for p in model.generator_parameters() if p.requires_grad]
         self.disc_params = [p for p in model.discriminator_parameters() if p.requires_grad]
         c = config
@@ -143,6 +142,7 @@ class DMCVBTrainer:
         self.aggregator = get_aggregator(c.aggregator, grad_reduce_hook=make_grad_reduce_hook(),
                                          **AGGREGATOR_KWARGS[c.aggregator](c))
         self.ema = ModelEMA(model, c.ema_decay)
+        install_statistics_hooks(self.model)  # VQ codebook statistics of the global batch (not in the EMA copy)
         self.grad_diag = GradDiagnostics()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=c.keep_checkpoints)
 
@@ -285,7 +285,7 @@ class DMCVBTrainer:
                             if isinstance(v, torch.Tensor) and v.numel() == 1}
             disc_scalars["disc/grad_norm"] = disc_norm
         self.disc_scheduler.step()
-        all_reduce_buffers(self.model)
+        broadcast_buffers(self.model)
         self.ema.update(self.model)
         self.step += 1
         self.nonfinite_in_row = 0
