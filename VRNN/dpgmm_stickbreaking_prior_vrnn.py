@@ -258,8 +258,10 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- forward
     def _observe_loop(self, x: Tensor, actions: Tensor, is_first: Tensor | None,
-                      generator: torch.Generator | None, perceiver_loss: bool) -> tuple[dict, RecurrentState, dict]:
+                      generator: torch.Generator | None, perceiver_loss: bool,
+                      posterior_mean: bool = False) -> tuple[dict, RecurrentState, dict]:
         """Batched encoders, then the causal loop over t. x [B, T, 3, S, S] in [-1, 1], actions [B, T, A].
+        ``posterior_mean``: feed the posterior mean instead of a draw into the LSTM (deterministic filtering).
 
         Returns (per-step stacks [B, T, ...], the state after the last step, batched extras)."""
         b, t = x.shape[:2]
@@ -283,6 +285,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
             state = self.cell.reset(state, None if is_first is None else is_first[:, i])
             out = self.cell.observe(state, feature[:, i], att_feats[:, i], context[:, i], generator)
             out["h"] = state.h
+            if posterior_mean:
+                out["z"] = out["z_mean"]
             for key, value in out.items():
                 steps.setdefault(key, []).append(value)
             state = self.cell.advance(state, out["z"], actions[:, i], context[:, i], out["s"], out["map"],
@@ -426,11 +430,11 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
             self.train(was_training)
 
     def encode(self, observations: Any, actions: Any, generator: torch.Generator | None = None) -> Tensor:
-        """Posterior means z_t [B, T, D] of a window (filtering; no decoder, no losses)."""
+        """Posterior means z_t [B, T, D] of a window, filtering with the means (deterministic; no decoder)."""
         x = self._prepare_observations(observations)
         a = self._prepare_actions(actions, *x.shape[:2])
         with self._inference():
-            steps, _, _ = self._observe_loop(x, a, None, generator, perceiver_loss=False)
+            steps, _, _ = self._observe_loop(x, a, None, generator, perceiver_loss=False, posterior_mean=True)
         return steps["z_mean"]
 
     def extract_context(self, observations: Any) -> Tensor:
@@ -444,7 +448,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
 
         context_obs [B, T0, 3, 64, 64], context_actions [B, T0, A] (the last one leads to the first imagined
         frame), future_actions [B, F, A] (future_actions[:, j] is taken after imagined frame j). Each future
-        step samples z_t from the prior at ``temperature`` (0: mean of the most probable component),
+        step samples z_t from the prior at ``temperature`` (0: mean of the most probable component, and the
+        context is filtered with posterior means, so the whole rollout is deterministic),
         decodes the mean image, extends the Perceiver's frames with it for c_t, runs the attention posterior
         on it for s_t and advances h. Runs in eval mode without gradients; weights are left untouched.
 
@@ -460,7 +465,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         a_fut = self._prepare_actions(future_actions, b, future_actions.shape[1], "future_actions")
         window = self.config.perceiver_max_seq_len
         with self._inference():
-            _, state, _ = self._observe_loop(x, a_ctx, None, generator, perceiver_loss=False)
+            _, state, _ = self._observe_loop(x, a_ctx, None, generator, perceiver_loss=False,
+                                             posterior_mean=temperature <= 0)
             video, out = x, {k: [] for k in ("frames", "latents", "pi", "attention_maps", "attention_prior_maps")}
             for j in range(a_fut.shape[1]):
                 params, att_prior = self.cell.prior_step(state)
