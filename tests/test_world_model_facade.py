@@ -53,3 +53,23 @@ def test_facade_defines_nothing_of_its_own():
         is_all = isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["__all__"]
         is_vrnn_import = isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "VRNN"
         assert is_docstring or is_all or is_vrnn_import, ast.dump(node)[:120]
+
+
+def test_readme_code_runs():
+    """The README's python blocks, executed in order in one namespace (smoke preset, seconds)."""
+    import re
+
+    import torch
+
+    text = (Path(world_model.__file__).parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        namespace: dict = {}
+        for block in blocks:
+            exec(compile(block, "world_model/README.md", "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
+    assert namespace["future"]["frames"].abs().max() <= 1
