@@ -19,9 +19,7 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 demo: $(STAMP)
-	$(PY) VRNN/collect_dmc.py --env cheetah-run --episodes 4 --eval-episodes 2 --episode-length 100 \
-		--policy ou --seed 0 --out data/cheetah-run-demo
-	$(PY) VRNN/collect_dmc.py verify data/cheetah-run-demo/train.h5
+	$(PY) VRNN/main.py --env cheetah-run --preset cpu --minutes 25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
