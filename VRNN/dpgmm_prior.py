@@ -91,9 +91,10 @@ class DPGMMPrior(nn.Module):
     def forward(self, u: Tensor) -> PriorParams:
         """u [B, input_dim] -> PriorParams."""
         hid = self.trunk(u)
-        k_raw, r_raw = self.alpha_head(hid).unbind(-1)
-        a_raw, b_raw = self.stick_head(hid).chunk(2, dim=-1)
-        comp = self.component_head(hid).view(u.shape[0], 2, self.max_components, self.latent_dim)
+        # float32 from here on: lgamma/digamma and the log-space sampler are poor in bf16 (autocast).
+        k_raw, r_raw = self.alpha_head(hid).float().unbind(-1)
+        a_raw, b_raw = self.stick_head(hid).float().chunk(2, dim=-1)
+        comp = self.component_head(hid).float().view(u.shape[0], 2, self.max_components, self.latent_dim)
         return PriorParams(
             alpha_shape=F.softplus(k_raw) + 1e-3, alpha_rate=F.softplus(r_raw) + 1e-3,
             kuma_a=(F.softplus(a_raw) + 0.05).clamp(max=100.0), kuma_b=(F.softplus(b_raw) + 0.05).clamp(max=100.0),
@@ -169,9 +170,9 @@ class DPGMMPrior(nn.Module):
         kl_z, z = self.kl_z(post_mean, post_logvar, log_pi, params, generator)
         pi = log_pi.exp()
         entropy = -(pi * log_pi).sum(-1)
-        return dict(kl_z=kl_z, kl_sticks=self.kl_sticks(params), kl_alpha=self.kl_alpha(params),
-                    entropy=entropy, k_eff=entropy.exp(), active=(pi > 0.01).to(pi.dtype).sum(-1),
-                    pi=pi, log_pi=log_pi, z=z)
+        return {"kl_z": kl_z, "kl_sticks": self.kl_sticks(params), "kl_alpha": self.kl_alpha(params),
+                "entropy": entropy, "k_eff": entropy.exp(), "active": (pi > 0.01).to(pi.dtype).sum(-1),
+                "pi": pi, "log_pi": log_pi, "z": z}
 
     @torch.no_grad()
     def _component_choice(self, log_pi: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,19 +51,19 @@ from VRNN.temporal_discriminator import (
 from VRNN.vrnn_cell import RecurrentState, VRNNCell
 from VRNN.vrnn_utilities import CheckpointError, load_checkpoint, resolve_device, save_checkpoint
 
-__all__ = ["DPGMMVariationalRecurrentAutoencoder", "TASK_LOSS_KEYS", "gram_anchor_loss"]
+__all__ = ["TASK_LOSS_KEYS", "DPGMMVariationalRecurrentAutoencoder", "gram_anchor_loss"]
 
 logger = logging.getLogger(__name__)
 
 TASK_LOSS_KEYS = ("total_vae_loss", "perceiver_loss", "attention_loss", "adversarial_loss")
 
 # The public keyword names of MODEL.md §4 and their defaults (= AIMEConfig defaults, the paper sizes).
-_PUBLIC_DEFAULTS: dict[str, Any] = dict(
-    max_components=15, input_dim=64, latent_dim=36, hidden_dim=512, attention_dim=64, action_dim=6,
-    sequence_length=16, img_perceiver_channels=64, img_disc_layers=4, disc_num_heads=4,
-    num_latent_perceiver=128, num_latent_channels_perceiver=256, num_codebook_perceiver=1024,
-    perceiver_code_dim=256,
-)
+_PUBLIC_DEFAULTS: dict[str, Any] = {
+    "max_components": 15, "input_dim": 64, "latent_dim": 36, "hidden_dim": 512, "attention_dim": 64,
+    "action_dim": 6, "sequence_length": 16, "img_perceiver_channels": 64, "img_disc_layers": 4,
+    "disc_num_heads": 4, "num_latent_perceiver": 128, "num_latent_channels_perceiver": 256,
+    "num_codebook_perceiver": 1024, "perceiver_code_dim": 256,
+}
 # Per-step [B, T] terms of the cell that forward_sequence returns under the same name.
 _STEP_KEYS = ("kl_z", "kl_sticks", "kl_alpha", "attention_kl", "attention_dynamics", "attention_diversity",
               "prior_means", "prior_logvars", "stick_a", "stick_b", "alpha_shape", "alpha_rate")
@@ -95,13 +96,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
                  num_latent_channels_perceiver: int = 256, num_codebook_perceiver: int = 1024,
                  perceiver_code_dim: int = 256, config: AIMEConfig | None = None) -> None:
         super().__init__()
-        given = dict(max_components=max_components, input_dim=input_dim, latent_dim=latent_dim,
-                     hidden_dim=hidden_dim, attention_dim=attention_dim, action_dim=action_dim,
-                     sequence_length=sequence_length, img_perceiver_channels=img_perceiver_channels,
-                     img_disc_layers=img_disc_layers, disc_num_heads=disc_num_heads,
-                     num_latent_perceiver=num_latent_perceiver,
-                     num_latent_channels_perceiver=num_latent_channels_perceiver,
-                     num_codebook_perceiver=num_codebook_perceiver, perceiver_code_dim=perceiver_code_dim)
+        arguments = locals()  # taken outside the comprehension (its own scope before Python 3.12)
+        given = {name: arguments[name] for name in _PUBLIC_DEFAULTS}
         if config is not None and not isinstance(config, AIMEConfig):
             raise ValueError(f"config must be an AIMEConfig or None, got {type(config).__name__}")
         base = config if config is not None else AIMEConfig()
@@ -133,7 +129,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- build
     @classmethod
-    def from_config(cls, config: AIMEConfig, action_dim: int | None = None) -> "DPGMMVariationalRecurrentAutoencoder":
+    def from_config(cls, config: AIMEConfig, action_dim: int | None = None) -> DPGMMVariationalRecurrentAutoencoder:
         """Build from a full config; ``action_dim`` (the environment's) overrides ``config.action_dim``."""
         if action_dim is not None:
             config = config.replace(action_dim=int(action_dim))
@@ -141,7 +137,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu",
-                        use_ema: bool = False) -> "DPGMMVariationalRecurrentAutoencoder":
+                        use_ema: bool = False) -> DPGMMVariationalRecurrentAutoencoder:
         """Rebuild from a checkpoint's ``config`` and ``action_dim`` and load ``model`` (or ``ema``).
         A missing file, a foreign file or weights that do not fit raise ``CheckpointError``."""
         payload = load_checkpoint(path, map_location=map_location)
@@ -167,7 +163,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
                   if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
         if missing or unexpected or shapes:
-            show = lambda xs: ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")  # noqa: E731
+            show = lambda xs: ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
             raise CheckpointError(f"weights in {source} do not fit this model: missing [{show(missing)}], "
                                   f"unexpected [{show(unexpected)}], shape mismatches [{show(shapes)}]")
         self.load_state_dict(state)
@@ -302,7 +298,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         steps, _, extras = self._observe_loop(x, a, is_first, generator, perceiver_loss=True)
         # The decoder runs once over all B*T frames, on z_t, h_t and the attention PRIOR map.
         dec_in = torch.cat([steps["z"], steps["h"]], dim=-1).flatten(0, 1)
-        params = self.decoder(dec_in, steps["prior_map"].flatten(0, 1))
+        params = self.decoder(dec_in, steps["prior_map"].flatten(0, 1)).float()  # likelihood in float32
         frames = x.flatten(0, 1)
         recon_nats = -self.likelihood.log_prob(params, frames).view(b, t)
         mean_image = self.likelihood.mean(params).view_as(x)
@@ -357,7 +353,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         lambda_div = c.lambda_div if lambda_div is None else lambda_div
         outputs, extras = self._forward(observations, actions, is_first, generator)
         x = extras["observations"]
-        per_dim = lambda v: v.mean() / self.pixel_dims  # noqa: E731  [B, T] nats/frame -> nats/dim
+        per_dim = lambda v: v.mean() / self.pixel_dims
         recon, kl_z = per_dim(outputs["recon_nats"]), per_dim(outputs["kl_z"])
         kl_sticks, kl_alpha = per_dim(outputs["kl_sticks"]), per_dim(outputs["kl_alpha"])
         entropy = per_dim(outputs["cluster_entropy"])

@@ -50,6 +50,6 @@ class ModelEMA:
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         self.module.load_state_dict(state, strict=strict)
 
-    def to(self, device: torch.device | str) -> "ModelEMA":
+    def to(self, device: torch.device | str) -> ModelEMA:
         self.module.to(device)
         return self

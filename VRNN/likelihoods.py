@@ -17,14 +17,19 @@ nats, summed over pixels and channels ([N]) or per pixel ([N, H, W]).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DiscretizedLogisticMixture", "DiscretizedGaussian", "LIKELIHOODS", "build_likelihood",
-           "quantize"]
+__all__ = [
+    "LIKELIHOODS",
+    "DiscretizedGaussian",
+    "DiscretizedLogisticMixture",
+    "build_likelihood",
+    "quantize",
+]
 
 _HALF_BIN = 1.0 / 255.0          # half the bin width 2/255
 _LOG_BIN = math.log(2.0 / 255.0)  # log bin width, for the density fallback
@@ -124,7 +129,7 @@ class DiscretizedLogisticMixture(nn.Module):
         u = torch.rand(logits.shape, generator=generator, dtype=params.dtype, device=params.device)
         gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-10)))
         onehot = F.one_hot((logits + gumbel).argmax(1), self.num_mixtures).permute(0, 3, 1, 2).to(params.dtype)
-        pick = lambda t: (t * onehot.unsqueeze(1)).sum(2)  # noqa: E731  [N, 3, M, H, W] -> [N, 3, H, W]
+        pick = lambda t: (t * onehot.unsqueeze(1)).sum(2)
         mu, log_s, c = pick(means), pick(log_scales), pick(coeffs)
         u = torch.rand(mu.shape, generator=generator, dtype=params.dtype, device=params.device)
         u = u.clamp(1e-5, 1.0 - 1e-5)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-__all__ = ["ResidualCell", "SqueezeExcitation", "NVAEEncoder", "NVAEDecoder"]
+__all__ = ["NVAEDecoder", "NVAEEncoder", "ResidualCell", "SqueezeExcitation"]
 
 
 def _groups(channels: int) -> int:
@@ -70,7 +70,7 @@ class NVAEEncoder(nn.Module):
     def __init__(self, channels: int = 64, image_size: int = 64, use_se: bool = True,
                  spectral_norm: bool = False) -> None:
         super().__init__()
-        n_down = int(round(math.log2(image_size // 4)))
+        n_down = round(math.log2(image_size // 4))
         if 4 * 2**n_down != image_size:
             raise ValueError(f"image_size={image_size} is invalid: expected 4 * 2^k")
         widths = [channels * min(2**i, 4) for i in range(n_down)]
@@ -124,7 +124,7 @@ class NVAEDecoder(nn.Module):
     def __init__(self, input_dim: int, out_channels: int, channels: int = 64, image_size: int = 64,
                  use_se: bool = True, spectral_norm: bool = False, out_bias: Tensor | None = None) -> None:
         super().__init__()
-        n_up = int(round(math.log2(image_size // 4)))
+        n_up = round(math.log2(image_size // 4))
         top = 4 * channels
         self.top = top
         self.fc = nn.Sequential(nn.Linear(input_dim, 2 * top), nn.SiLU(), nn.Linear(2 * top, top * 16))

@@ -18,10 +18,10 @@ from torch import Tensor
 __all__ = [
     "EULER_GAMMA",
     "Kumaraswamy",
-    "log1mexp",
-    "kl_kumaraswamy_beta",
     "expected_kl_kumaraswamy_beta",
     "kl_gamma",
+    "kl_kumaraswamy_beta",
+    "log1mexp",
     "stick_breaking_log_weights",
     "stick_breaking_weights",
 ]

@@ -24,7 +24,7 @@ from temporal_dynamics import LSTMLayer
 from VRNN.attention_schema import AttentionSchema
 from VRNN.dpgmm_prior import DPGMMPrior, PriorParams, bounded_logvar
 
-__all__ = ["RecurrentState", "PosteriorHead", "VRNNCell"]
+__all__ = ["PosteriorHead", "RecurrentState", "VRNNCell"]
 
 
 @dataclass
@@ -50,7 +50,7 @@ class PosteriorHead(nn.Module):
                                  nn.SiLU(), nn.Linear(hidden_dim, 2 * latent_dim))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, raw = self.net(x).chunk(2, dim=-1)
+        mean, raw = self.net(x).float().chunk(2, dim=-1)  # float32 under autocast: the KL needs it
         return mean, bounded_logvar(raw)
 
 
@@ -89,8 +89,8 @@ class VRNNCell(nn.Module):
         if mask is None:
             return state
         init = self.initial_state(mask.shape[0])
-        pick = lambda new, old: torch.where(mask.view(-1, *([1] * (old.dim() - 1))), new, old)  # noqa: E731
-        pick_lstm = lambda new, old: torch.where(mask.view(1, -1, 1), new, old)  # noqa: E731
+        pick = lambda new, old: torch.where(mask.view(-1, *([1] * (old.dim() - 1))), new, old)
+        pick_lstm = lambda new, old: torch.where(mask.view(1, -1, 1), new, old)
         return RecurrentState(h=pick(init.h, state.h),
                               lstm=(pick_lstm(init.lstm[0], state.lstm[0]), pick_lstm(init.lstm[1], state.lstm[1])),
                               z_prev=pick(init.z_prev, state.z_prev), c_prev=pick(init.c_prev, state.c_prev),

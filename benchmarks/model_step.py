@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import gc
-import multiprocessing
 import json
+import multiprocessing
 import platform
 import resource
 import sys

@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from VRNN.likelihoods import LIKELIHOODS, DiscretizedGaussian, DiscretizedLogisticMixture, build_likelihood, quantize
+from VRNN.likelihoods import (
+    DiscretizedGaussian,
+    DiscretizedLogisticMixture,
+    build_likelihood,
+    quantize,
+)
 
 LEVELS = torch.arange(256, dtype=torch.float32) / 127.5 - 1.0
 

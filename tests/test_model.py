@@ -46,6 +46,15 @@ def model():
 
 # ------------------------------------------------------------------------------------------------ config
 def test_config_resolution_and_public_keywords():
+    import inspect
+
+    public = {k: v.default for k, v in inspect.signature(DPGMMVariationalRecurrentAutoencoder).parameters.items()
+              if k not in ("device", "config")}
+    assert list(public)[:10] == ["max_components", "input_dim", "latent_dim", "hidden_dim", "attention_dim",
+                                 "action_dim", "sequence_length", "img_perceiver_channels", "img_disc_layers",
+                                 "disc_num_heads"]
+    paper = AIMEConfig.preset("paper")
+    assert all(getattr(paper, k) == v for k, v in public.items())  # keyword defaults = the paper sizes
     smoke = AIMEConfig.preset("smoke")
     m = DPGMMVariationalRecurrentAutoencoder(latent_dim=5, action_dim=2, config=smoke)
     assert m.config.latent_dim == 5 and m.config.action_dim == 2 and m.action_dim == 2
