@@ -200,3 +200,13 @@ def test_sampler_is_a_function_of_seed_and_position():
         ResumableBatchSampler(10, 3, seed=0, world_size=2)
     with pytest.raises(ValueError, match="fewer than one batch"):
         ResumableBatchSampler(3, 4, seed=0)
+
+
+def test_training_facade_reexports_the_canonical_objects():
+    import training
+    import VRNN.dmc_dataset
+    import VRNN.dmc_vb_transition_dynamics_trainer as canonical
+
+    assert training.DMCVBTrainer is canonical.DMCVBTrainer
+    assert training.DMCVBDataset is VRNN.dmc_dataset.DMCVBDataset is canonical.DMCVBDataset
+    assert set(training.__all__) == {"DMCVBTrainer", "DMCVBDataset", "TrainResult", "NonFiniteTrainingError"}
