@@ -279,3 +279,20 @@ def test_resize_only_when_input_dim_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.forward_sequence(obs, actions)  # 64 x 64 frames need no resize and raise no warning
+
+
+@pytest.mark.parametrize("overrides", [
+    {"likelihood": "gaussian"},
+    {"use_spectral_norm": True, "use_squeeze_excitation": True},
+    {"random_stick_order": True, "alpha_samples": 0, "lstm_layers": 2},
+])
+def test_config_variants_train(overrides):
+    model = _model(5, **overrides)
+    obs, actions = _batch(7, t=2)
+    losses, out = model.compute_total_loss(obs, actions)
+    assert all(bool(torch.isfinite(losses[k])) for k in TASK_LOSS_KEYS)
+    assert 4.0 < losses["bits_per_dim"].item() < 14.0
+    sum(losses[k] for k in TASK_LOSS_KEYS).backward()
+    assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    if overrides.get("likelihood") == "gaussian":
+        assert model.likelihood.log_scale.grad is not None
