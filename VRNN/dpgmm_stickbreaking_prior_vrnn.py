@@ -11,8 +11,15 @@ prior/posterior heads and the attention schema's per-step heads.
 
 Losses (MODEL.md §3): every per-frame quantity (nats per frame) is divided by 3*H*W before averaging over
 B and T, so losses read as nats per pixel dimension; ``bits_per_dim`` is the negative ELBO
-(recon + KL_z + KL_sticks + KL_alpha) / ln 2 on that scale. The attention KL is a KL between R x R
-categoricals, a different space, and is kept in nats per frame (it is its own task for RGB).
+(recon + KL_z + KL_sticks + KL_alpha) / ln 2 on that scale. The cluster entropy H(pi_t) is a per-frame
+quantity too and is divided the same way, so ``entropy_weight`` trades it against the KLs at equal scale.
+The attention KL is a KL between R x R categoricals, a different space, and is kept in nats per frame (it
+is its own task for RGB). ``parameter_groups`` gives the whole attention schema (feature pyramid, slot
+attention, prior and heads) the x1.2 learning rate.
+
+Randomness: the posterior draws, Kumaraswamy sticks and imagination noise come from the ``generator``
+argument when given; the Gamma draws for KL_sticks (``alpha_samples`` > 0) use torch's global RNG, which
+has no generator-taking reparameterised Gamma sampler (``alpha_samples=0`` uses the exact expectation).
 
 Choices where the spec is silent: z_t fed downstream is the first of the ``kl_samples`` posterior draws
 used for KL_z; the discriminator conditions on z detached (the latent is the label of the frame, not
