@@ -69,8 +69,8 @@ class NonFiniteTrainingError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """How ``train`` ended: ``reason`` is ``max_steps``, ``until``, ``budget``, ``stop_file`` or
-    ``signal:<NAME>``; ``evaluation`` is the last evaluation's metrics (``None`` if none ran)."""
+    """How ``train`` ended: ``reason`` is ``max_steps``, ``until``, ``budget``, ``stop_file``,
+    ``signal:<NAME>`` or ``peer_stop`` (another rank was asked to stop); ``evaluation`` is the last evaluation's metrics (``None`` if none ran)."""
 
     step: int
     reason: str
@@ -80,7 +80,7 @@ class TrainResult:
 
     @property
     def interrupted(self) -> bool:
-        return self.reason.startswith("signal") or self.reason == "stop_file"
+        return self.reason.startswith("signal") or self.reason in ("stop_file", "peer_stop")
 
 
 def step_seed(seed: int, position: int, rank: int) -> int:
@@ -393,12 +393,16 @@ class DMCVBTrainer:
             time.perf_counter(), 0
         evaluated_at = -1
         try:
-            batches = iter(self._loader())
+            loader = self._loader()
+            batches, per_epoch = iter(loader), loader.batch_sampler.batches_per_epoch
             while self.step < target:
                 asked = stop.reason()
                 if all_reduce_flag(asked is not None, "any"):
                     reason = asked or "peer_stop"
                     break
+                if c.num_workers == 0 and hasattr(self.train_data, "set_epoch"):
+                    # new augmentation draws each epoch (items are fetched lazily, in this process)
+                    self.train_data.set_epoch(self.position // per_epoch)
                 scalars = self.train_step(next(batches))
                 if scalars is None:
                     continue

@@ -212,9 +212,9 @@ def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: D
     if clash:
         raise CheckpointError("checkpoint " + str(args.load_checkpoint) + " was trained with other values of "
                               + ", ".join(f"{k} (checkpoint {a!r}, flag {b!r})" for k, (a, b) in sorted(clash.items())))
+    _, eval_path = ensure_dataset(config, args.data_dir, ctx)  # every rank: it may wait on a barrier
     if not ctx.is_main:
         return 0
-    _, eval_path = ensure_dataset(config, args.data_dir, ctx)
     eval_data = load_eval_dataset(config, eval_path)
     if eval_data.action_dim != int(payload.get("action_dim", config.action_dim)):
         raise CheckpointError(f"checkpoint {args.load_checkpoint} takes actions of size "
