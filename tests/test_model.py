@@ -289,7 +289,7 @@ def test_resize_only_when_input_dim_says_so():
 def test_config_variants_train(overrides):
     model = _model(5, **overrides)
     obs, actions = _batch(7, t=2)
-    losses, out = model.compute_total_loss(obs, actions)
+    losses, _ = model.compute_total_loss(obs, actions)
     assert all(bool(torch.isfinite(losses[k])) for k in TASK_LOSS_KEYS)
     assert 4.0 < losses["bits_per_dim"].item() < 14.0
     sum(losses[k] for k in TASK_LOSS_KEYS).backward()
