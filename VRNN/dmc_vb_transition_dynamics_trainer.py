@@ -415,7 +415,7 @@ class DMCVBTrainer:
                 if self.step % c.eval_every == 0:
                     self._evaluate_and_checkpoint(metrics)
                     evaluated_at = self.step
-                elif self.step % c.checkpoint_every == 0:
+                elif self.step % c.checkpoint_every == 0 and self.step != target:  # the end saves anyway
                     self.save_checkpoint()
         finally:
             stop.close()

@@ -33,7 +33,7 @@ _NUMBERED = re.compile(r"^step_(\d{8,})\.pt$")
 RUN_ONLY_FIELDS = frozenset({
     "max_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_windows",
     "num_workers", "amp", "train_episodes", "eval_episodes", "episode_length", "policy",
-    "max_nonfinite_steps", "deterministic_sampling",
+    "max_nonfinite_steps",
 })
 
 

@@ -117,5 +117,23 @@ def test_two_gloo_ranks_match_each_other_and_one_process(tiny_dmc_data, tmp_path
     assert (tmp_path / "run_2" / "metrics.jsonl").is_file() and (tmp_path / "run_2" / "eval.json").is_file()
 
 
+def test_training_script_runs_under_torchrun(tiny_dmc_data, tmp_path):
+    """``VRNN/training_vrnn.py`` unchanged under torchrun: rank 0 writes the run directory."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          "VRNN/training_vrnn.py", "--env", "dmc_cheetah_run", "--preset", "smoke", "--batch-size", "4",
+                          "--max-steps", "2", "--data-dir", str(tiny_dmc_data), "--run-dir", str(run_dir)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    from VRNN.vrnn_utilities import load_checkpoint
+
+    payload = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert payload["step"] == 2 and payload["world_size"] == 2 and payload["position"] == 2
+    assert (run_dir / "eval.json").is_file() and (run_dir / "config.json").is_file()
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert sum('"total_vae_loss"' in r and '"eval/' not in r for r in rows) == 2  # rank 0 logs, once per step
+
+
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), Path(sys.argv[2]))
