@@ -15,12 +15,12 @@ Usage in a script::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from VRNN.aime_config import PRESETS, AIMEConfig
 
-__all__ = ["build_parser", "add_training_flags", "config_from_args", "default_data_dir", "explicit_config_flags"]
+__all__ = ["add_training_flags", "build_parser", "config_from_args", "default_data_dir", "explicit_config_flags"]
 
 # Command-line flag -> AIMEConfig field. Flags not listed here are run options, not hyperparameters.
 CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {

@@ -16,8 +16,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -26,18 +26,18 @@ from VRNN.vrnn_utilities import resolve_device
 
 __all__ = [
     "DistContext",
-    "init_distributed",
-    "cleanup_distributed",
-    "is_distributed",
-    "all_reduce_mean_",
     "all_reduce_flag",
-    "make_grad_reduce_hook",
     "all_reduce_gradients",
-    "broadcast_buffers",
+    "all_reduce_mean_",
     "all_reduce_sum",
-    "install_statistics_hooks",
-    "broadcast_module",
     "barrier",
+    "broadcast_buffers",
+    "broadcast_module",
+    "cleanup_distributed",
+    "init_distributed",
+    "install_statistics_hooks",
+    "is_distributed",
+    "make_grad_reduce_hook",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def distributed(self) -> bool:
@@ -135,7 +135,7 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def make_grad_reduce_hook() -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+def make_grad_reduce_hook() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The hook RGB calls on its gradient matrix G [T, D] before aggregating: the mean over ranks.
 
     ``None`` in a single process (RGB then uses G as is).
@@ -186,7 +186,7 @@ def install_statistics_hooks(module: torch.nn.Module) -> int:
         return 0
     count = 0
     for sub in module.modules():
-        if hasattr(sub, "reduce_hook") and getattr(sub, "reduce_hook") is None:
+        if hasattr(sub, "reduce_hook") and sub.reduce_hook is None:
             sub.reduce_hook = all_reduce_sum
             count += 1
     return count

@@ -26,10 +26,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,9 +38,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from VRNN.aime_config import AIMEConfig
-from VRNN.ddp_utils import (DistContext, all_reduce_flag, all_reduce_gradients,
-                            all_reduce_mean_, barrier, broadcast_buffers, broadcast_module, install_statistics_hooks,
-                            make_grad_reduce_hook)
+from VRNN.ddp_utils import (
+    DistContext,
+    all_reduce_flag,
+    all_reduce_gradients,
+    all_reduce_mean_,
+    barrier,
+    broadcast_buffers,
+    broadcast_module,
+    install_statistics_hooks,
+    make_grad_reduce_hook,
+)
 from VRNN.dmc_dataset import DMCVBDataset
 from VRNN.grad_diagnostics import TASK_LOSS_KEYS, GradDiagnostics
 from VRNN.metrics_log import MetricsLogger, to_jsonable
@@ -47,19 +56,27 @@ from VRNN.resumable_sampler import ResumableBatchSampler
 from VRNN.schedules import adversarial_weight_at, beta_at, make_lr_scheduler
 from VRNN.stop_control import StopController
 from VRNN.training_checkpoints import CheckpointManager, all_finite, check_compatible
-from VRNN.vrnn_utilities import CheckpointError, get_rng_state, load_checkpoint, set_rng_state
+from VRNN.vrnn_utilities import get_rng_state, load_checkpoint, set_rng_state
 
-__all__ = ["DMCVBTrainer", "DMCVBDataset", "TrainResult", "NonFiniteTrainingError", "AGGREGATOR_KWARGS",
-           "step_seed", "write_json_atomic", "make_plots"]
+__all__ = [
+    "AGGREGATOR_KWARGS",
+    "DMCVBDataset",
+    "DMCVBTrainer",
+    "NonFiniteTrainingError",
+    "TrainResult",
+    "make_plots",
+    "step_seed",
+    "write_json_atomic",
+]
 
 logger = logging.getLogger(__name__)
 
 # Aggregator name -> its keyword arguments from the config (registry; the hook is added by the trainer).
 AGGREGATOR_KWARGS: dict[str, Callable[[AIMEConfig], dict[str, Any]]] = {
-    "rgb": lambda c: dict(mu=c.rgb_mu, lam=c.rgb_lambda, alpha_steps=c.rgb_alpha_steps,
-                          inner_lr=c.rgb_inner_lr, scale=c.rgb_scale),
+    "rgb": lambda c: {"mu": c.rgb_mu, "lam": c.rgb_lambda, "alpha_steps": c.rgb_alpha_steps,
+                      "inner_lr": c.rgb_inner_lr, "scale": c.rgb_scale},
     "sum": lambda c: {},
-    "pcgrad": lambda c: dict(seed=c.seed),
+    "pcgrad": lambda c: {"seed": c.seed},
 }
 
 
@@ -74,8 +91,8 @@ class TrainResult:
 
     step: int
     reason: str
-    checkpoint: Optional[Path]
-    evaluation: Optional[dict[str, Any]]
+    checkpoint: Path | None
+    evaluation: dict[str, Any] | None
     nonfinite_steps: int
 
     @property
@@ -106,9 +123,9 @@ class DMCVBTrainer:
     """
 
     def __init__(self, model: torch.nn.Module, train_data, eval_data, config: AIMEConfig, run_dir: str | Path,
-                 device: Optional[torch.device | str] = None, dist: Optional[DistContext] = None,
-                 tensorboard: bool = False, progress: Optional[bool] = None, minutes: Optional[float] = None,
-                 stop_file: Optional[Path] = None, visualize_attention: bool = False,
+                 device: torch.device | str | None = None, dist: DistContext | None = None,
+                 tensorboard: bool = False, progress: bool | None = None, minutes: float | None = None,
+                 stop_file: Path | None = None, visualize_attention: bool = False,
                  save_visualizations: bool = False) -> None:
         from multi_task_learning import get_aggregator
         from VRNN.ema import ModelEMA
@@ -155,8 +172,8 @@ class DMCVBTrainer:
         self.nonfinite_in_row = 0
         self._buffers_before: dict[str, torch.Tensor] = {}
         self.best_bits_per_dim = math.inf
-        self.last_checkpoint: Optional[Path] = None
-        self.last_evaluation: Optional[dict[str, Any]] = None
+        self.last_checkpoint: Path | None = None
+        self.last_evaluation: dict[str, Any] | None = None
         self._progress = progress
         self._tensorboard = tensorboard
         self._window: dict[str, list[float]] = {}
@@ -176,7 +193,7 @@ class DMCVBTrainer:
             "rng": get_rng_state(),
         }
 
-    def save_checkpoint(self, best: bool = False) -> Optional[Path]:
+    def save_checkpoint(self, best: bool = False) -> Path | None:
         """Write the checkpoint of the current step on rank 0; refuses (returns None) if the model or its
         EMA holds a non-finite value, so a good checkpoint is never replaced by a broken one."""
         path = None
@@ -230,7 +247,7 @@ class DMCVBTrainer:
         return DataLoader(self.train_data, batch_sampler=sampler, num_workers=self.config.num_workers,
                           pin_memory=self.device.type == "cuda", generator=torch.Generator())
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> Optional[dict[str, float]]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
         """One generator + discriminator update on this rank's share of a batch ([B_local, T, ...]).
 
         Returns the step's scalars, or ``None`` when the step was skipped as non-finite.
@@ -317,7 +334,6 @@ class DMCVBTrainer:
                 f"(max_nonfinite_steps={self.config.max_nonfinite_steps}); last: {why}. The last good "
                 f"checkpoint is {self.last_checkpoint or 'none (nothing was saved yet)'} and was not "
                 "overwritten. Try a lower --learning-rate or check the data.")
-        return None
 
     # ----------------------------------------------------------------------------------------------
     # Logging and evaluation
@@ -341,7 +357,7 @@ class DMCVBTrainer:
         metrics.log(row)
         return row
 
-    def evaluate(self, write: bool = True, metrics: Optional[MetricsLogger] = None) -> dict[str, Any]:
+    def evaluate(self, write: bool = True, metrics: MetricsLogger | None = None) -> dict[str, Any]:
         """Evaluate the EMA model on the held-out split (rank 0; the others wait).
 
         Writes ``eval.json`` (with ``step``) when ``write``, appends the scalar metrics as an ``eval/...``
@@ -372,7 +388,7 @@ class DMCVBTrainer:
                           self.run_dir / "metrics.jsonl")
 
     # ----------------------------------------------------------------------------------------------
-    def train(self, until: Optional[int] = None) -> TrainResult:
+    def train(self, until: int | None = None) -> TrainResult:
         """Train to ``config.max_steps`` (or to step ``until``), evaluating every ``eval_every`` steps and
         at the end, checkpointing every ``checkpoint_every`` steps, at each evaluation and on any stop.
 
@@ -431,7 +447,7 @@ class DMCVBTrainer:
         logger.info("training ended at step %d (%s)", self.step, reason)
         return TrainResult(self.step, reason, self.last_checkpoint, self.last_evaluation, self.nonfinite_total)
 
-    def _evaluate_and_checkpoint(self, metrics: Optional[MetricsLogger] = None) -> None:
+    def _evaluate_and_checkpoint(self, metrics: MetricsLogger | None = None) -> None:
         result = self.evaluate(metrics=metrics)
         best = False
         if self.dist.is_main:
@@ -442,7 +458,7 @@ class DMCVBTrainer:
 
 
 def make_plots(model: torch.nn.Module, eval_data, config: AIMEConfig, plots_dir: Path, evaluation: dict[str, Any],
-               metrics_path: Optional[Path] = None) -> dict[str, Path]:
+               metrics_path: Path | None = None) -> dict[str, Path]:
     """``evaluation.make_evaluation_plots`` on the first ``batch_size`` held-out windows."""
     from VRNN.evaluation import make_evaluation_plots
 
@@ -462,7 +478,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def _bits_per_dim(result: dict[str, Any]) -> Optional[float]:
+def _bits_per_dim(result: dict[str, Any]) -> float | None:
     value = result.get("bits_per_dim")
     if isinstance(value, dict):
         value = value.get("model", value.get("mean"))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 
-__all__ = ["MetricsLogger", "to_jsonable", "read_metrics"]
+__all__ = ["MetricsLogger", "read_metrics", "to_jsonable"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class MetricsLogger:
     """Appends rows to ``<run_dir>/metrics.jsonl``; a no-op on ranks other than 0 (``enabled=False``)."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False,
-                 resume_step: Optional[int] = None) -> None:
+                 resume_step: int | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None

@@ -11,7 +11,7 @@ checkpoint.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

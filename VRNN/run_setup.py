@@ -13,7 +13,6 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -22,8 +21,15 @@ from VRNN.cli import config_from_args, default_data_dir
 from VRNN.ddp_utils import DistContext, barrier, is_distributed
 from VRNN.dmc_dataset import DMCVBDataset
 
-__all__ = ["canonical_env", "ensure_dataset", "resolve_run_dir", "write_config", "load_datasets",
-           "build_model", "prepare_config"]
+__all__ = [
+    "build_model",
+    "canonical_env",
+    "ensure_dataset",
+    "load_datasets",
+    "prepare_config",
+    "resolve_run_dir",
+    "write_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +49,7 @@ def prepare_config(args: argparse.Namespace) -> AIMEConfig:
     return config_from_args(args)
 
 
-def ensure_dataset(config: AIMEConfig, data_dir: Optional[Path], ctx: DistContext,
+def ensure_dataset(config: AIMEConfig, data_dir: Path | None, ctx: DistContext,
                    progress: bool = True) -> tuple[Path, Path]:
     """Paths of ``train.h5`` and ``eval.h5`` in ``data_dir`` (default ``data/<env>``), collecting them first
     when either is missing (rank 0 collects, the others wait at a barrier)."""
@@ -64,7 +70,7 @@ def ensure_dataset(config: AIMEConfig, data_dir: Optional[Path], ctx: DistContex
     return train_path, eval_path
 
 
-def resolve_run_dir(env: str, run_dir: Optional[Path], ctx: DistContext) -> Path:
+def resolve_run_dir(env: str, run_dir: Path | None, ctx: DistContext) -> Path:
     """``run_dir`` or ``runs/<env>/<YYYYmmdd-HHMMSS>`` (rank 0's clock, shared with every rank)."""
     if run_dir is None:
         stamp = [time.strftime("%Y%m%d-%H%M%S")]
@@ -119,7 +125,7 @@ def build_model(config: AIMEConfig, action_dim: int, device: torch.device) -> to
 
 # --------------------------------------------------------------------------------------------------
 # The job both scripts run
-def run_job(argv: Optional[list[str]], description: str, report: bool) -> int:
+def run_job(argv: list[str] | None, description: str, report: bool) -> int:
     """Parse flags, then train (or evaluate with ``--eval-only``); ``report`` adds plots and report.md.
 
     Exit codes: 0 done or stopped cleanly by a signal / budget / stop file (a SLURM requeue resumes),
@@ -195,8 +201,8 @@ def _train(args: argparse.Namespace, ctx: DistContext, report: bool) -> int:
 def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: DistContext, report: bool) -> int:
     """Evaluate a checkpoint's EMA weights with the checkpoint's own config (eval.json in --run-dir)."""
     from VRNN.cli import explicit_config_flags
-    from VRNN.dpgmm_stickbreaking_prior_vrnn import DPGMMVariationalRecurrentAutoencoder
     from VRNN.dmc_vb_transition_dynamics_trainer import write_json_atomic
+    from VRNN.dpgmm_stickbreaking_prior_vrnn import DPGMMVariationalRecurrentAutoencoder
     from VRNN.evaluation import evaluate
     from VRNN.training_checkpoints import RUN_ONLY_FIELDS
     from VRNN.vrnn_utilities import CheckpointError, load_checkpoint

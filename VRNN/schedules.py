@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["linear_warmup", "beta_at", "adversarial_weight_at", "WarmupCosine", "make_lr_scheduler"]
+__all__ = ["WarmupCosine", "adversarial_weight_at", "beta_at", "linear_warmup", "make_lr_scheduler"]
 
 
 def linear_warmup(step: int, warmup_steps: int) -> float:

@@ -17,9 +17,8 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Optional
 
-__all__ = ["StopController", "STOP_SIGNALS"]
+__all__ = ["STOP_SIGNALS", "StopController"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +33,17 @@ class StopController:
         stop_file: path whose existence requests a stop; ``None`` for none.
     """
 
-    def __init__(self, minutes: Optional[float] = None, stop_file: Optional[Path] = None) -> None:
+    def __init__(self, minutes: float | None = None, stop_file: Path | None = None) -> None:
         if minutes is not None and minutes <= 0:
             raise ValueError(f"minutes={minutes} is invalid: expected a positive budget")
         self.minutes = minutes
         self.stop_file = Path(stop_file) if stop_file is not None else None
-        self.signal_name: Optional[str] = None
-        self._deadline: Optional[float] = None
+        self.signal_name: str | None = None
+        self._deadline: float | None = None
         self._previous: dict[int, object] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self) -> "StopController":
+    def start(self) -> StopController:
         """Start the budget clock and install the signal handlers (main thread only)."""
         if self.minutes is not None:
             self._deadline = time.monotonic() + 60.0 * self.minutes
@@ -61,21 +60,15 @@ class StopController:
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
-    def __enter__(self) -> "StopController":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- queries ------------------------------------------------------------------------------------
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
         self.signal_name = name
         logger.warning("%s received: will save a checkpoint at the next step boundary and stop", name)
 
-    def reason(self) -> Optional[str]:
+    def reason(self) -> str | None:
         """``"signal:SIGTERM"``, ``"budget"``, ``"stop_file"`` or ``None``."""
         if self.signal_name is not None:
             return f"signal:{self.signal_name}"
@@ -85,7 +78,7 @@ class StopController:
             return "stop_file"
         return None
 
-    def remaining_seconds(self) -> Optional[float]:
+    def remaining_seconds(self) -> float | None:
         if self._deadline is None:
             return None
         return max(0.0, self._deadline - time.monotonic())

@@ -15,14 +15,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from VRNN.aime_config import AIMEConfig
 from VRNN.vrnn_utilities import CheckpointError, load_checkpoint, save_checkpoint
 
-__all__ = ["CheckpointManager", "RUN_ONLY_FIELDS", "check_compatible", "find_latest", "all_finite"]
+__all__ = ["RUN_ONLY_FIELDS", "CheckpointManager", "all_finite", "check_compatible", "find_latest"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def all_finite(state: dict[str, torch.Tensor]) -> bool:
                if isinstance(t, torch.Tensor) and torch.is_floating_point(t))
 
 
-def find_latest(checkpoint_dir: Path) -> Optional[Path]:
+def find_latest(checkpoint_dir: Path) -> Path | None:
     """``latest.pt`` when present, else the highest numbered checkpoint, else ``None``."""
     checkpoint_dir = Path(checkpoint_dir)
     latest = checkpoint_dir / "latest.pt"

@@ -5,7 +5,11 @@
 See ``training/README.md`` for training from Python, resuming, data parallelism and the run directory.
 """
 
-from VRNN.dmc_vb_transition_dynamics_trainer import (DMCVBDataset, DMCVBTrainer, NonFiniteTrainingError,
-                                                     TrainResult)
+from VRNN.dmc_vb_transition_dynamics_trainer import (
+                                                     DMCVBDataset,
+                                                     DMCVBTrainer,
+                                                     NonFiniteTrainingError,
+                                                     TrainResult,
+)
 
-__all__ = ["DMCVBTrainer", "DMCVBDataset", "TrainResult", "NonFiniteTrainingError"]
+__all__ = ["DMCVBDataset", "DMCVBTrainer", "NonFiniteTrainingError", "TrainResult"]
