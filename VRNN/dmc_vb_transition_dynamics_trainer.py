@@ -270,9 +270,12 @@ class DMCVBTrainer:
                 lambda_att_dyn=c.lambda_att_dyn, lambda_gram=c.lambda_gram, adversarial_weight=adv,
                 ema_model=self.ema.module if c.lambda_gram > 0 else None)
         task = {k: losses[k].float() for k in TASK_LOSS_KEYS}
-        bad = [k for k, v in task.items() if not bool(torch.isfinite(v))]
+        # Every scalar in one device-to-host copy (one synchronisation per step on a GPU).
+        names = [k for k, v in losses.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
+        values = dict(zip(names, torch.stack([losses[k].detach().float().reshape(()) for k in names]).tolist()))
+        bad = [k for k in TASK_LOSS_KEYS if not math.isfinite(values[k])]
         if not all_reduce_flag(not bad, "all"):
-            return self._skip(f"non-finite loss ({', '.join(f'{k}={task[k].item()}' for k in bad) or 'on another rank'})")
+            return self._skip(f"non-finite loss ({', '.join(f'{k}={values[k]}' for k in bad) or 'on another rank'})")
 
         self.optimizer.zero_grad(set_to_none=True)
         try:
@@ -301,8 +304,9 @@ class DMCVBTrainer:
                 self.disc_optimizer.step()
             else:
                 logger.warning("step %d: non-finite discriminator gradient; discriminator step skipped", self.step)
-            disc_scalars = {f"disc/{k}": float(v.detach()) for k, v in d.items()
-                            if isinstance(v, torch.Tensor) and v.numel() == 1}
+            disc_names = [k for k, v in d.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
+            disc_values = torch.stack([d[k].detach().float().reshape(()) for k in disc_names]).tolist()
+            disc_scalars = {f"disc/{k}": v for k, v in zip(disc_names, disc_values)}
             disc_scalars["disc/grad_norm"] = disc_norm
         self.disc_scheduler.step()
         broadcast_buffers(self.model)
@@ -311,7 +315,7 @@ class DMCVBTrainer:
         self.nonfinite_in_row = 0
 
         self.grad_diag.update_from_rgb(self.step, diag)
-        scalars = {k: float(v.detach()) for k, v in losses.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        scalars = dict(values)
         scalars.update(disc_scalars)
         scalars.update({"beta": beta, "adversarial_weight": adv, "grad_norm": grad_norm,
                         "lr": self.optimizer.param_groups[0]["lr"],
