@@ -22,12 +22,15 @@ from VRNN.ddp_utils import DistContext, barrier, is_distributed
 from VRNN.dmc_dataset import DMCVBDataset
 
 __all__ = [
+    "InputError",
     "build_model",
     "canonical_env",
     "ensure_dataset",
     "load_datasets",
+    "load_eval_dataset",
     "prepare_config",
     "resolve_run_dir",
+    "run_job",
     "write_config",
 ]
 
@@ -146,17 +149,53 @@ def run_job(argv: list[str] | None, description: str, report: bool) -> int:
     setup_logging(rank=ctx.rank)
     try:
         if args.eval_only:
-            return _eval_only(parser, args, ctx, report)
+            try:
+                return _eval_only(parser, args, ctx, report)
+            except _INPUT_ERRORS as exc:
+                raise InputError(str(exc)) from exc
         return _train(args, ctx, report)
-    except (ValueError, FileNotFoundError) as exc:  # CheckpointError and DataFileError are ValueErrors
+    except InputError as exc:
         logger.error("%s", exc)
         return 2
     finally:
         cleanup_distributed()
 
 
+class InputError(Exception):
+    """Bad flags, data or checkpoint found while setting a run up (exit code 2, no traceback)."""
+
+
+# CheckpointError and DataFileError are ValueErrors. Errors raised once training runs are not caught:
+# they are bugs and keep their traceback.
+_INPUT_ERRORS = (ValueError, FileNotFoundError)
+
+
 def _train(args: argparse.Namespace, ctx: DistContext, report: bool) -> int:
-    from VRNN.dmc_vb_transition_dynamics_trainer import DMCVBTrainer, NonFiniteTrainingError
+    from VRNN.dmc_vb_transition_dynamics_trainer import NonFiniteTrainingError
+
+    try:
+        trainer, run_dir, eval_data, config = _setup_training(args, ctx)
+    except _INPUT_ERRORS as exc:
+        raise InputError(str(exc)) from exc
+    try:
+        result = trainer.train()
+    except NonFiniteTrainingError as exc:
+        logger.error("%s", exc)
+        return 3
+    if result.interrupted:
+        logger.info("stopped by %s at step %d; checkpoint %s. Resume with --resume --run-dir %s",
+                    result.reason, result.step, result.checkpoint, run_dir)
+        return 0
+    if report and ctx.is_main:
+        _write_outputs(run_dir, trainer.ema.module, eval_data, config, result.evaluation or {})
+    if ctx.is_main:
+        print(f"run directory: {run_dir}")
+    return 0
+
+
+def _setup_training(args: argparse.Namespace, ctx: DistContext):
+    """(trainer, run_dir, eval dataset, config), resumed or warm-started as the flags say."""
+    from VRNN.dmc_vb_transition_dynamics_trainer import DMCVBTrainer
     from VRNN.training_checkpoints import find_latest
     from VRNN.vrnn_utilities import seed_everything
 
@@ -182,20 +221,7 @@ def _train(args: argparse.Namespace, ctx: DistContext, report: bool) -> int:
     elif args.load_checkpoint is not None:
         trainer.load_checkpoint(args.load_checkpoint, training_state=False)
     write_config(run_dir, config, ctx)
-    try:
-        result = trainer.train()
-    except NonFiniteTrainingError as exc:
-        logger.error("%s", exc)
-        return 3
-    if result.interrupted:
-        logger.info("stopped by %s at step %d; checkpoint %s. Resume with --resume --run-dir %s",
-                    result.reason, result.step, result.checkpoint, run_dir)
-        return 0
-    if report and ctx.is_main:
-        _write_outputs(run_dir, trainer.ema.module, eval_data, config, result.evaluation or {})
-    if ctx.is_main:
-        print(f"run directory: {run_dir}")
-    return 0
+    return trainer, run_dir, eval_data, config
 
 
 def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: DistContext, report: bool) -> int:
