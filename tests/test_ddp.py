@@ -134,5 +134,38 @@ def test_training_script_runs_under_torchrun(tiny_dmc_data, tmp_path):
     assert sum('"total_vae_loss"' in r and '"eval/' not in r for r in rows) == 2  # rank 0 logs, once per step
 
 
+def test_stop_file_stops_every_rank_with_a_checkpoint(tiny_dmc_data, tmp_path):
+    """What run_VRNN_minimum.sh does on preemption: the stop file makes both ranks stop at the same step."""
+    import json
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    run_dir, stop_file = tmp_path / "run", tmp_path / "STOP"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             "VRNN/training_vrnn.py", "--preset", "smoke", "--batch-size", "4", "--max-steps", "500",
+                             "--eval-every", "1000", "--checkpoint-every", "1000", "--data-dir", str(tiny_dmc_data),
+                             "--run-dir", str(run_dir), "--stop-file", str(stop_file)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        stop_file.touch()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    from VRNN.vrnn_utilities import load_checkpoint
+
+    payload = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert 2 <= payload["step"] < 500 and payload["world_size"] == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == payload["step"]
+
+
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), Path(sys.argv[2]))
