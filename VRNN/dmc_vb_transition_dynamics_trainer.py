@@ -184,7 +184,7 @@ class DMCVBTrainer:
         """Everything a resumed run needs (SYSTEM.md section 6)."""
         return {
             "config": self.config.to_dict(), "action_dim": self.action_dim,
-            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "ema_updates": self.ema.num_updates,
             "optimizer": self.optimizer.state_dict(), "disc_optimizer": self.disc_optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "disc_scheduler": self.disc_scheduler.state_dict(),
             "aggregator": self.aggregator.state_dict(),
@@ -222,6 +222,7 @@ class DMCVBTrainer:
             self.disc_scheduler.load_state_dict(payload["disc_scheduler"])
             self.aggregator.load_state_dict(payload["aggregator"])
             self.step, self.position = int(payload["step"]), int(payload["position"])
+            self.ema.num_updates = int(payload.get("ema_updates", self.step))
             self.nonfinite_total = int(payload.get("nonfinite_total", 0))
             self.best_bits_per_dim = float(payload.get("best_bits_per_dim", math.inf))
             set_rng_state(payload["rng"])

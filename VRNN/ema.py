@@ -2,8 +2,12 @@
 evaluation, imagination and Gram anchoring.
 
 ``ModelEMA(model, decay)`` deep-copies the model once; ``update(model)`` moves every floating-point
-parameter and buffer of the copy towards the live model (theta_ema <- decay * theta_ema + (1 - decay) *
-theta); integer buffers (counters) are copied. The copy stays in eval mode with requires_grad False, so
+parameter and buffer of the copy towards the live model (theta_ema <- d_n * theta_ema + (1 - d_n) *
+theta); integer buffers (counters) are copied. The decay is warmed up, d_n = min(decay, (1 + n) / (10 + n))
+after n previous updates (the schedule of TensorFlow's ExponentialMovingAverage with num_updates): without
+it a short run's EMA still holds a large share of the random initial weights (0.995^300 = 22 %), and
+evaluation, which uses the EMA, would judge a model that never existed. ``num_updates`` is part of the
+trainer's checkpoint so a resumed run continues the same schedule. The copy stays in eval mode with requires_grad False, so
 using it never changes the training weights and never builds an autograd graph through them.
 """
 
@@ -34,14 +38,20 @@ class ModelEMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One EMA step towards ``model`` (same architecture as the copy)."""
+        decay = self.current_decay()
         ema_state = self.module.state_dict()
         for name, value in model.state_dict().items():
             target = ema_state[name]
             if target.dtype.is_floating_point:
-                target.lerp_(value.detach().to(target.dtype), 1.0 - self.decay)
+                target.lerp_(value.detach().to(target.dtype), 1.0 - decay)
             else:
                 target.copy_(value)
         self.num_updates += 1
+
+    def current_decay(self) -> float:
+        """The decay the next ``update`` applies: min(decay, (1 + n) / (10 + n))."""
+        n = self.num_updates
+        return min(self.decay, (1.0 + n) / (10.0 + n))
 
     def state_dict(self) -> dict[str, Any]:
         """The copy's weights (what checkpoints store under ``ema``)."""

@@ -121,8 +121,11 @@ def test_ema_is_a_separate_copy():
     with torch.no_grad():
         w.add_(1.0)
     assert torch.equal(w_ema, start)                     # training the model does not touch the copy
+    assert ema.current_decay() == pytest.approx(0.1)     # warm-up: min(0.5, (1 + 0) / (10 + 0))
     ema.update(model)
-    assert torch.allclose(w_ema, start + 0.5)            # decay 0.5: halfway to the new weights
+    assert torch.allclose(w_ema, start + 0.9)            # moved 1 - 0.1 of the way to the new weights
+    ema.num_updates = 1000
+    assert ema.current_decay() == 0.5                    # after warm-up the configured decay holds
     other = ModelEMA(_model(3), decay=0.5)
     other.load_state_dict(ema.state_dict())
     assert torch.equal(other.module.decoder.fc[0].weight, w_ema)
