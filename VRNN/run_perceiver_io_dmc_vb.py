@@ -286,8 +286,9 @@ def train(args: argparse.Namespace) -> int:
     model.train()
     reason = "max_steps"
     started = time.monotonic()
-    with StopController(minutes=args.minutes) as stop, \
-            tqdm(total=config.max_steps, initial=step, desc="perceiver", unit="step", disable=None) as bar:
+    stop = StopController(minutes=args.minutes).start()
+    bar = tqdm(total=config.max_steps, initial=step, desc="perceiver", unit="step", disable=None)
+    try:
         while step < config.max_steps:
             reason_now = stop.reason()
             if reason_now is not None:
@@ -315,6 +316,9 @@ def train(args: argparse.Namespace) -> int:
                 metrics.log({"step": step, "eval": evaluate(model, eval_data, config, device, context_frames)})
             if step % config.checkpoint_every == 0:
                 checkpoint()
+    finally:
+        bar.close()
+        stop.close()
     checkpoint()
     result = evaluate(model, eval_data, config, device, context_frames)
     result.update(step=step, env=config.env, preset=args.preset, stopped_by=reason,

@@ -76,6 +76,9 @@ class PerceiverIOConfig:
     query_from_current_tokens: bool = True  # add a conv of x_t's token embeddings around cell p to the
                                          # query of p (a local copy prior: tokens persist or move a little)
     query_kernel_size: int = 3           # that conv's kernel (odd; 3 covers a one-token displacement)
+    copy_prior: bool = True              # learned gain on the logit of x_t's own code at each cell
+    copy_logit_init: float | None = None  # its initial value in nats; None: ln(num_codes), so that with
+                                         # uniform head logits the copy guess starts at probability ~1/2
     label_smoothing: float = 0.0         # of the next-token cross-entropy
     next_token_weight: float = 1.0       # weight of the next-token cross-entropy inside `total`
 

@@ -7,12 +7,17 @@ the temporal context), plus, when `query_from_current_tokens` is on, a `query_ke
 video most tokens persist or move by a few cells from one frame to the next, so the decoder learns what
 changes and where from, rather than redrawing the frame from a global summary). The queries cross-attend to [c_t ; the frame latents of
 x_t] (Jaegle et al. 2022, Perceiver IO) and a linear head gives logits over the K codebook entries.
+With `copy_prior`, a learned gain is added to the logit of x_t's own code at each cell (a copy
+mechanism, as in pointer-generator networks; See et al. 2017), so that "unchanged" is the default answer
+from the first step and stays right when the EMA codebook renames codes.
 
 All inputs of step t are functions of x_1..x_t (c_t is causal, the latents and tokens are per-frame), so
 the logits for x_{t+1} never see x_{t+1}.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -24,10 +29,12 @@ __all__ = ["NextFrameTokenDecoder"]
 
 
 class NextFrameTokenDecoder(nn.Module):
-    """(c_t [N,C], frame latents [N,L,E], tokens of x_t [N,h*w,E]) -> logits for x_{t+1} [N,h*w,K].
+    """(c_t [N,C], frame latents [N,L,E], token embeddings of x_t [N,h*w,E], code indices of x_t
+    [N,h*w] int64) -> logits for the codes of x_{t+1} [N,h*w,K].
 
     N is any batch of frames (the model passes B*(T-1) or B*T at once); E = `latent_channels`,
-    K = `num_codes`. ``tokens`` may be None when `query_from_current_tokens` is off.
+    K = `num_codes`. ``tokens`` may be None when `query_from_current_tokens` is off, ``indices`` when
+    `copy_prior` is off.
     """
 
     def __init__(self, config: PerceiverIOConfig) -> None:
@@ -45,8 +52,13 @@ class NextFrameTokenDecoder(nn.Module):
             for _ in range(config.num_decoder_layers)
         )
         self.head = nn.Sequential(nn.LayerNorm(e), nn.Linear(e, config.num_codes))
+        # Copy gain: added to the logit of x_t's own code at every cell. It works on indices, so the
+        # "nothing moved here" prediction needs no per-code learning and survives codebook reassignments.
+        init = math.log(config.num_codes) if config.copy_logit_init is None else config.copy_logit_init
+        self.copy_gain = nn.Parameter(torch.tensor(float(init))) if config.copy_prior else None
 
-    def forward(self, context: Tensor, latents: Tensor, tokens: Tensor | None = None) -> Tensor:
+    def forward(self, context: Tensor, latents: Tensor, tokens: Tensor | None = None,
+                indices: Tensor | None = None) -> Tensor:
         n = context.shape[0]
         queries = self.query_position()[None] + self.context_to_query(context)[:, None]   # [N,hw,E]
         if self.current_proj is not None:
@@ -60,4 +72,11 @@ class NextFrameTokenDecoder(nn.Module):
         assert queries.shape[0] == n and kv.shape[0] == n
         for block in self.blocks:
             queries = block(queries, kv)
-        return self.head(queries)                                                          # [N,hw,K]
+        logits = self.head(queries)                                                        # [N,hw,K]
+        if self.copy_gain is not None:
+            if indices is None:
+                raise ValueError("this decoder was configured with copy_prior=True: pass the code indices "
+                                 "of x_t [N,h*w]")
+            bonus = self.copy_gain.to(logits.dtype).expand(indices.shape)[..., None]        # [N,hw,1]
+            logits = logits.scatter_add(-1, indices.reshape(n, -1, 1), bonus)
+        return logits

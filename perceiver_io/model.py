@@ -161,19 +161,21 @@ class CausalPerceiverIO(nn.Module):
         video = self._prepare(context_video, min_frames=1)
         b, t0 = video.shape[:2]
         side, window = self.config.tokens_per_side, self.config.max_seq_len
-        codes = self.tokenizer.encode(video.flatten(0, 1), update=False)["quantized"]  # [B*T0,D,h,w]
-        e, latents, tokens = self.frame_encoder(codes)
+        enc = self.tokenizer.encode(video.flatten(0, 1), update=False)
+        e, latents, tokens = self.frame_encoder(enc["quantized"])                    # from [B*T0,D,h,w]
+        current = enc["indices"].view(b, t0, -1)[:, -1]                             # [B,hw]
         embeddings = list(e.view(b, t0, -1).unbind(1))                              # T0 x [B,C]
         latents, tokens = latents.view(b, t0, *latents.shape[1:])[:, -1], tokens.view(b, t0, *tokens.shape[1:])[:, -1]
         new_indices = []
         for _ in range(n_frames):
             context = self.temporal(torch.stack(embeddings[-window:], dim=1))[:, -1]  # [B,C]
-            logits = self.decoder(context, latents, tokens)                         # [B,hw,K]
+            logits = self.decoder(context, latents, tokens, current)                # [B,hw,K]
             if temperature == 0:
                 idx = logits.argmax(-1)                                             # [B,hw]
             else:
                 probs = F.softmax(logits.float() / temperature, dim=-1).flatten(0, 1)
                 idx = torch.multinomial(probs, 1, generator=generator).view(b, -1)
+            current = idx
             idx = idx.view(b, side, side)
             new_indices.append(idx)
             e_new, latents, tokens = self.frame_encoder(self.tokenizer.quantizer.lookup(idx))
@@ -194,7 +196,8 @@ class CausalPerceiverIO(nn.Module):
         context = enc["context"][:, :upto].flatten(0, 1)                           # [B*upto,C]
         latents = enc["latents"].view(b, t, *enc["latents"].shape[1:])[:, :upto].flatten(0, 1)
         tokens = enc["tokens"].view(b, t, *enc["tokens"].shape[1:])[:, :upto].flatten(0, 1)
-        logits = self.decoder(context, latents, tokens)                             # [B*upto,hw,K]
+        indices = enc["indices"].view(b, t, -1)[:, :upto].flatten(0, 1)            # [B*upto,hw]
+        logits = self.decoder(context, latents, tokens, indices)                    # [B*upto,hw,K]
         return logits.view(b, upto, *logits.shape[1:])
 
     def _prepare(self, video: Tensor, min_frames: int) -> Tensor:

@@ -224,9 +224,13 @@ class EMAVectorQuantizer(nn.Module):
             chosen[k] = torch.argmax(nearest)
             nearest = torch.minimum(nearest, (sample - sample[chosen[k]]).pow(2).sum(1))
         codes = sample[chosen].to(self.embedding.dtype)                         # [K,D]
+        # Initial codes get a short grace period (usage 2x the threshold: ~70 unused updates at decay
+        # 0.99), restarted ones a longer one (usage 1: ~230). The encoder moves most early on, so initial
+        # codes that it leaves behind are recycled while the next-token predictor has learnt little.
+        usage = 2.0 * self.dead_code_threshold if self.dead_code_threshold > 0 else 1.0
         self.embedding.copy_(codes)
-        self.embed_sum.copy_(codes)
-        self.cluster_size.fill_(1.0)
+        self.embed_sum.copy_(codes * usage)
+        self.cluster_size.fill_(usage)
         self.initialized.fill_(True)
 
 
