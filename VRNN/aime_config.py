@@ -219,7 +219,8 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # The sizes of the public keyword defaults; one GPU.
     "paper": {},
-    # Two CPU cores, visible progress within half an hour.
+    # Two CPU cores, visible progress within half an hour: B=4 keeps a full RGB step near 1.4 s on two idle
+    # cores (B=8 takes 2.5 s; see benchmarks/model_step.py), so a 25-minute demo makes ~1000 steps.
     "cpu": dict(
         max_components=8, latent_dim=16, hidden_dim=128, context_dim=64, attention_dim=32,
         sequence_length=8, encoder_channels=16, decoder_channels=16, num_mixtures=5,
@@ -227,7 +228,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_codebook_perceiver=128, perceiver_code_dim=32, perceiver_num_heads=2,
         perceiver_self_attn_layers=1, perceiver_temporal_layers=1, perceiver_max_seq_len=32,
         attention_resolution=16, num_slots=3, slot_dim=32, img_disc_layers=1, disc_num_heads=2,
-        disc_channels=16, kl_samples=4, alpha_samples=2, batch_size=8, learning_rate=5e-4,
+        disc_channels=16, kl_samples=4, alpha_samples=2, batch_size=4, learning_rate=5e-4,
         warmup_steps=100, beta_warmup_steps=300, adversarial_warmup_steps=500, max_steps=3000,
         train_episodes=20, eval_episodes=4, episode_length=200, log_every=10, eval_every=500,
         checkpoint_every=250, eval_windows=16, eval_context_frames=4, eval_horizon=8,
