@@ -8,6 +8,7 @@ Returns the folder holding ``train.h5`` and ``eval.h5``; treat it as read-only.
 from __future__ import annotations
 
 import pytest
+import torch
 
 TINY_EPISODE_LENGTH = 24  # tests/test_collect.py repeats this number
 
@@ -20,3 +21,13 @@ def tiny_dmc_data(tmp_path_factory):
     collect_dataset("cheetah-run", out, episodes=2, eval_episodes=1, episode_length=TINY_EPISODE_LENGTH,
                     policy="sine", seed=0, action_repeat=2, progress=False)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the few-step training tests: on a small shared CPU, torch's default thread
+    pool oversubscribes the cores and tensors this small make the threads mostly wait on each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

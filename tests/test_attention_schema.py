@@ -8,15 +8,6 @@ from VRNN.attention_schema import AttentionSchema, center_of_mass, upsample_map
 H, C, D, A = 12, 6, 4, 8
 
 
-@pytest.fixture
-def one_thread():
-    """The few-step training tests run single-threaded: on a shared two-core machine, intra-op threads
-    mostly wait on each other for tensors this small."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def make(resolution=8, slots=3, seed=0):
     torch.manual_seed(seed)

@@ -18,14 +18,7 @@ B, T = 2, 4
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, torch's default thread pool oversubscribes the cores
-    and a step runs ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 def _model(seed: int = 0, **overrides) -> DPGMMVariationalRecurrentAutoencoder:
     torch.manual_seed(seed)

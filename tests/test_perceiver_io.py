@@ -15,13 +15,7 @@ TINY = {"image_size": 32, "tokenizer_channels": 4, "num_res_blocks": 0, "code_di
         "num_temporal_layers": 1, "max_seq_len": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These ops are tiny: intra-op threads only add overhead (and contend with other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def tiny_model(seed: int = 0, **overrides) -> CausalPerceiverIO:

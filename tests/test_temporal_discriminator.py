@@ -14,15 +14,6 @@ from VRNN.temporal_discriminator import (
 D = 3
 
 
-@pytest.fixture
-def one_thread():
-    """The few-step training tests run single-threaded: on a shared two-core machine, intra-op threads
-    mostly wait on each other for tensors this small."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def make(layers=1, seed=0, **kw):
     torch.manual_seed(seed)
