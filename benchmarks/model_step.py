@@ -94,8 +94,11 @@ def benchmark_preset(preset: str, batch: int | None, seq: int | None, device: to
     actions = (torch.rand(batch, seq, 6, generator=g) * 2 - 1).to(device)
     params = model.generator_parameters()
     optimizer = torch.optim.AdamW(model.parameter_groups(config.learning_rate, config.weight_decay))
+    # The same per-task gradient path as DMCVBTrainer: one batched pass on CUDA, one pass per task on
+    # the CPU (where the batched pass measured slower; benchmarks/rgb_batched_grads.py).
     aggregator = get_aggregator("rgb", mu=config.rgb_mu, lam=config.rgb_lambda,
-                                alpha_steps=config.rgb_alpha_steps, inner_lr=config.rgb_inner_lr)
+                                alpha_steps=config.rgb_alpha_steps, inner_lr=config.rgb_inner_lr,
+                                batched_grads=device.type == "cuda")
 
     def step() -> dict[str, torch.Tensor]:
         losses, _ = model.compute_total_loss(obs, actions, adversarial_weight=1.0)
