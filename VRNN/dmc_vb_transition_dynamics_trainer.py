@@ -87,7 +87,8 @@ class NonFiniteTrainingError(RuntimeError):
 @dataclass
 class TrainResult:
     """How ``train`` ended: ``reason`` is ``max_steps``, ``until``, ``budget``, ``stop_file``,
-    ``signal:<NAME>`` or ``peer_stop`` (another rank was asked to stop); ``evaluation`` is the last evaluation's metrics (``None`` if none ran)."""
+    ``signal:<NAME>`` or ``peer_stop`` (another rank was asked to stop); ``evaluation`` is the last
+    evaluation's metrics (``None`` if none ran)."""
 
     step: int
     reason: str

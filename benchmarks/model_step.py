@@ -131,7 +131,8 @@ def benchmark_preset(preset: str, batch: int | None, seq: int | None, device: to
         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "step_s_best": step_s, "step_s_mean": sum(times) / len(times), "gflop_per_step": flops / 1e9,
         "achieved_gflops": flops / step_s / 1e9,
-        "peak_memory_mib": peak, "process_peak_rss_mib": peak_total, "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda"
+        "peak_memory_mib": peak, "process_peak_rss_mib": peak_total,
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda"
         else "growth of the process peak RSS over the built model, during the steps",
         "bits_per_dim_after": losses["bits_per_dim"].item(),
     }

@@ -20,7 +20,8 @@ SCRIPTS = ["VRNN/main.py", "VRNN/training_vrnn.py"]
 
 def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, check=False, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, check=False, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def _all_flags() -> list[str]:
