@@ -6,8 +6,7 @@ the temporal context), plus, when `query_from_current_tokens` is on, a `query_ke
 `query_kernel_size` convolution of x_t's token embeddings around the same cell (a local copy prior: in
 video most tokens persist or move by a few cells from one frame to the next, so the decoder learns what
 changes and where from, rather than redrawing the frame from a global summary). The queries cross-attend to
-[c_t ; the frame latents of
-x_t] (Jaegle et al. 2022, Perceiver IO) and a linear head gives logits over the K codebook entries.
+[c_t ; the frame latents of x_t] (Jaegle et al. 2022, Perceiver IO) and a linear head gives logits over the K codebook entries.
 With `copy_prior`, a learned gain is added to the logit of x_t's own code at each cell (a copy
 mechanism, as in pointer-generator networks; See et al. 2017), so that "unchanged" is the default answer
 from the first step and stays right when the EMA codebook renames codes.
