@@ -189,7 +189,7 @@ def _train(args: argparse.Namespace, ctx: DistContext, report: bool) -> int:
     if report and ctx.is_main:
         _write_outputs(run_dir, trainer.ema.module, eval_data, config, result.evaluation or {})
     if ctx.is_main:
-        print(f"run directory: {run_dir}")
+        logger.info("run directory: %s", run_dir)
     return 0
 
 
@@ -263,7 +263,7 @@ def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: D
     write_json_atomic(run_dir / "eval.json", result)
     if report or args.visualize_attention or args.save_visualizations:
         _write_outputs(run_dir, model, eval_data, config, result)
-    print(f"evaluation written to {run_dir / 'eval.json'}")
+    logger.info("evaluation written to %s", run_dir / "eval.json")
     return 0
 
 
