@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from multi_task_learning import per_task_gradients as _per_task_gradients
+from VRNN.metrics_log import metric_series
+
 __all__ = [
     "TASK_LOSS_KEYS",
     "TASK_NAMES",
@@ -74,24 +77,21 @@ def per_task_gradients(losses: Sequence[torch.Tensor] | Mapping[str, torch.Tenso
                        params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     """Flattened gradient of each task loss w.r.t. ``params``: [T, D] (zeros where a task does not reach).
 
-    Uses ``torch.autograd.grad`` with ``retain_graph=True``; ``.grad`` fields are not touched.
+    The per-parameter gradients come from ``multi_task_learning.per_task_gradients`` (one pass per task,
+    graph retained); ``.grad`` fields are not touched.
     """
     loss_list = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
     params = [p for p in params if p.requires_grad]
     if not loss_list or not params:
         raise ValueError(f"need at least one loss and one trainable parameter, got {len(loss_list)} losses "
                          f"and {len(params)} parameters")
-    rows = []
     for loss in loss_list:
         if loss.dim() != 0:
             raise ValueError(f"each task loss must be a scalar, got shape {tuple(loss.shape)}")
-        if not loss.requires_grad:
-            rows.append(torch.cat([torch.zeros_like(p).flatten() for p in params]))
-            continue
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
-                               for g, p in zip(grads, params)]))
-    return torch.stack(rows)
+    T = len(loss_list)
+    grads = _per_task_gradients(loss_list, params, batched=False, retain_graph=True)
+    return torch.cat([(p.new_zeros((T, p.numel())) if g is None else g.reshape(T, -1))
+                      for g, p in zip(grads, params)], dim=1)
 
 
 def _as_tensor(value) -> torch.Tensor:
@@ -206,17 +206,8 @@ class GradDiagnostics:
 
 def cosine_records_from_metrics(records: Iterable[Mapping[str, object]]) -> dict[str, tuple[list, list]]:
     """Pairwise cosine series from metrics.jsonl rows: ``{"a__b": (steps, values)}`` (rows need ``step``)."""
-    series: dict[str, tuple[list, list]] = {}
-    for row in records:
-        step = row.get("step")
-        if step is None:
-            continue
-        for key, value in row.items():
-            if key.startswith(COS_PREFIX) and isinstance(value, (int, float)) and math.isfinite(value):
-                steps, values = series.setdefault(key[len(COS_PREFIX):], ([], []))
-                steps.append(step)
-                values.append(float(value))
-    return series
+    return {key[len(COS_PREFIX):]: value for key, value in metric_series(records).items()
+            if key.startswith(COS_PREFIX)}
 
 
 def plot_gradient_cosines(source: GradDiagnostics | Iterable[Mapping[str, object]], path: str | Path,

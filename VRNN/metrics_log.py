@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,22 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     return str(value)
+
+
+def metric_series(rows: Iterable[Mapping[str, Any]]) -> dict[str, tuple[list, list[float]]]:
+    """``{key: (steps, values)}`` for every finite numeric (non-bool) value of metrics.jsonl rows; rows
+    without a ``step`` are skipped."""
+    series: dict[str, tuple[list, list[float]]] = {}
+    for row in rows:
+        step = row.get("step")
+        if step is None:
+            continue
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                steps, values = series.setdefault(key, ([], []))
+                steps.append(step)
+                values.append(float(value))
+    return series
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

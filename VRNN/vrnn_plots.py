@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from VRNN.metrics_log import read_metrics
+from VRNN.metrics_log import metric_series, read_metrics
 
 __all__ = [
     "plot_attention_maps",
@@ -99,16 +99,7 @@ def plot_loss_curves(metrics: str | Path | Iterable[Mapping], path: str | Path,
                      panels: Mapping[str, Sequence[str]] = LOSS_PANELS) -> Path | None:
     """One subplot per panel of metric keys against ``step``; metrics: a metrics.jsonl path or its rows."""
     rows = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
-    series: dict[str, tuple[list, list]] = {}
-    for row in rows:
-        step = row.get("step")
-        if step is None:
-            continue
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                s, v = series.setdefault(key, ([], []))
-                s.append(step)
-                v.append(float(value))
+    series = metric_series(rows)
     used = [(title, [k for k in keys if k in series]) for title, keys in panels.items()]
     used = [(title, keys) for title, keys in used if keys]
     if not used:
