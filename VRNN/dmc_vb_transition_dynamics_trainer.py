@@ -53,7 +53,7 @@ from VRNN.dmc_dataset import DMCVBDataset
 from VRNN.grad_diagnostics import TASK_LOSS_KEYS, GradDiagnostics
 from VRNN.metrics_log import MetricsLogger, to_jsonable
 from VRNN.resumable_sampler import ResumableBatchSampler
-from VRNN.schedules import adversarial_weight_at, beta_at, make_lr_scheduler
+from VRNN.schedules import adversarial_weight_at, beta_at, kl_warmup_at, make_lr_scheduler
 from VRNN.stop_control import StopController
 from VRNN.training_checkpoints import CheckpointManager, all_finite, check_compatible
 from VRNN.vrnn_utilities import get_rng_state, load_checkpoint, set_rng_state
@@ -268,8 +268,7 @@ class DMCVBTrainer:
         self._buffers_before = {k: b.detach().clone() for k, b in self.model.named_buffers()}
         with self._autocast():
             losses, outputs = self.model.compute_total_loss(
-                obs, actions, beta=beta, entropy_weight=c.entropy_weight, lambda_recon=c.lambda_recon,
-                lambda_att_dyn=c.lambda_att_dyn, lambda_gram=c.lambda_gram, adversarial_weight=adv,
+                obs, actions, beta=kl_warmup_at(self.step, c.beta_warmup_steps), adversarial_weight=adv,
                 ema_model=self.ema.module if c.lambda_gram > 0 else None)
         task = {k: losses[k].float() for k in TASK_LOSS_KEYS}
         # Every scalar in one device-to-host copy (one synchronisation per step on a GPU).

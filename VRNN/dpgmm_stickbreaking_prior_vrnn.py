@@ -345,19 +345,23 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         """Same as ``forward_sequence``."""
         return self.forward_sequence(observations, actions, is_first, generator)
 
-    def compute_total_loss(self, observations: Any, actions: Any, beta: float = 1.0, entropy_weight: float = 0.6,
-                           lambda_recon: float = 1.0, lambda_att_dyn: float = 0.1, lambda_gram: float = 0.05,
-                           adversarial_weight: float = 1.0, ema_model: nn.Module | None = None,
-                           lambda_div: float | None = None, is_first: Tensor | None = None,
+    def compute_total_loss(self, observations: Any, actions: Any, beta: float = 1.0, adversarial_weight: float = 1.0,
+                           ema_model: nn.Module | None = None, is_first: Tensor | None = None,
                            generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The four task losses and their components (MODEL.md §3), all scalars, and the outputs.
 
+        Every loss weight comes from ``self.config`` (``entropy_weight``, ``lambda_recon``, ``lambda_att_dyn``,
+        ``lambda_div``, ``lambda_gram``, ``feature_matching_weight``), so a run's saved config is exactly what
+        ran. Callers pass only the per-step schedule factors: ``beta`` is the KL weight's warm-up factor
+        (multiplied by ``config.beta``; 1.0 = fully warmed up) and ``adversarial_weight`` the adversarial
+        warm-up factor in [0, 1]. ``ema_model`` (the EMA copy) enables Gram anchoring when lambda_gram > 0.
         Per-frame terms are divided by 3*H*W (nats per dimension) and averaged over B and T; each weight is
-        applied once. ``lambda_div`` defaults to ``config.lambda_div``; ``adversarial_weight`` is the
-        trainer's warm-up factor; ``ema_model`` (the EMA copy) enables Gram anchoring when lambda_gram > 0.
+        applied once.
         """
         c = self.config
-        lambda_div = c.lambda_div if lambda_div is None else lambda_div
+        beta = c.beta * float(beta)
+        entropy_weight, lambda_recon, lambda_gram = c.entropy_weight, c.lambda_recon, c.lambda_gram
+        lambda_att_dyn, lambda_div = c.lambda_att_dyn, c.lambda_div
         outputs, extras = self._forward(observations, actions, is_first, generator)
         x = extras["observations"]
         per_dim = lambda v: v.mean() / self.pixel_dims

@@ -200,10 +200,8 @@ def evaluate(model: nn.Module, dataset_or_loader, config=None, device: torch.dev
     recon_frames = 0
     usage_sum: torch.Tensor | None = None
     usage_count = 0
-    # The config's final weights and the full adversarial weight (no warm-up factors at evaluation).
-    loss_kwargs = {"beta": config.beta, "entropy_weight": config.entropy_weight,
-                   "lambda_recon": config.lambda_recon, "lambda_att_dyn": config.lambda_att_dyn,
-                   "lambda_gram": config.lambda_gram, "adversarial_weight": 1.0}
+    # The weights come from the model's config; no warm-up factors at evaluation.
+    loss_kwargs = {"beta": 1.0, "adversarial_weight": 1.0}
 
     bar = tqdm(total=expected, desc="eval", unit="win", disable=not _progress_enabled(progress), leave=False)
     with _eval_mode(net), _forked_rng(device, seed):

@@ -29,6 +29,11 @@ def beta_at(step: int, beta: float, warmup_steps: int) -> float:
     return beta * linear_warmup(step, warmup_steps)
 
 
+def kl_warmup_at(step: int, warmup_steps: int) -> float:
+    """The factor in [0, 1] that ``compute_total_loss(beta=...)`` multiplies ``config.beta`` by at ``step``."""
+    return linear_warmup(step, warmup_steps)
+
+
 def adversarial_weight_at(step: int, warmup_steps: int) -> float:
     """Factor in [0, 1] that multiplies the generator's adversarial loss (the discriminator first learns)."""
     return linear_warmup(step, warmup_steps)

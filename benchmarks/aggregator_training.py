@@ -24,7 +24,7 @@ from VRNN.aime_config import PRESETS, AIMEConfig
 from VRNN.collect_dmc import collect_dataset
 from VRNN.dmc_dataset import DMCVBDataset
 from VRNN.dpgmm_stickbreaking_prior_vrnn import TASK_LOSS_KEYS, DPGMMVariationalRecurrentAutoencoder
-from VRNN.schedules import adversarial_weight_at, beta_at
+from VRNN.schedules import adversarial_weight_at, kl_warmup_at
 
 
 def train(config: AIMEConfig, data: DMCVBDataset, aggregator_name: str, steps: int, **agg_kwargs) -> list[float]:
@@ -42,7 +42,7 @@ def train(config: AIMEConfig, data: DMCVBDataset, aggregator_name: str, steps: i
         obs = torch.stack([it["observations"] for it in items])
         actions = torch.stack([it["actions"] for it in items])
         losses, _ = model.compute_total_loss(
-            obs, actions, beta=beta_at(step, config.beta, config.beta_warmup_steps),
+            obs, actions, beta=kl_warmup_at(step, config.beta_warmup_steps),
             adversarial_weight=adversarial_weight_at(step, config.adversarial_warmup_steps))
         optimizer.zero_grad(set_to_none=True)
         aggregator.backward({k: losses[k] for k in TASK_LOSS_KEYS}, params)

@@ -97,13 +97,32 @@ def test_forward_shapes_and_loss_scale(model):
     assert 4.0 < float(losses["bits_per_dim"]) < 14.0
 
 
+def test_loss_weights_come_from_the_config_only():
+    import inspect
+
+    keywords = set(inspect.signature(DPGMMVariationalRecurrentAutoencoder.compute_total_loss).parameters)
+    assert not keywords & {"entropy_weight", "lambda_recon", "lambda_att_dyn", "lambda_gram", "lambda_div"}
+    obs, actions = _batch()
+    heavy = _model(lambda_recon=3.0)
+    light = _model(lambda_recon=1.0)
+    torch.manual_seed(3)
+    lh, _ = heavy.compute_total_loss(obs, actions, beta=0.0, adversarial_weight=0.0)
+    torch.manual_seed(3)
+    ll, _ = light.compute_total_loss(obs, actions, beta=0.0, adversarial_weight=0.0)
+    assert float(lh["recon_loss"]) == pytest.approx(float(ll["recon_loss"]), rel=1e-5)
+    gap = float(lh["total_vae_loss"]) - float(ll["total_vae_loss"])
+    assert gap == pytest.approx(2.0 * float(ll["recon_loss"]), rel=1e-4)
+
+
 def test_loss_weights_scale_their_terms(model):
     obs, actions = _batch()
     torch.manual_seed(3)
     l1, _ = model.compute_total_loss(obs, actions, beta=1.0, adversarial_weight=1.0)
     torch.manual_seed(3)
-    l2, _ = model.compute_total_loss(obs, actions, beta=0.0, adversarial_weight=0.0, entropy_weight=0.0)
-    assert float(l2["total_vae_loss"]) == pytest.approx(float(l2["recon_loss"]), rel=1e-5)
+    l2, _ = model.compute_total_loss(obs, actions, beta=0.0, adversarial_weight=0.0)
+    # beta=0 removes the KLs; what is left is recon - entropy_weight * H(pi), with the config's weight.
+    expected = float(l2["recon_loss"]) - model.config.entropy_weight * float(l2["cluster_entropy"])
+    assert float(l2["total_vae_loss"]) == pytest.approx(expected, rel=1e-5)
     assert float(l2["adversarial_loss"]) == 0.0 and float(l1["adversarial_loss"]) != 0.0
     assert float(l2["attention_loss"]) < float(l1["attention_loss"]) + 1e-6
 
@@ -172,7 +191,7 @@ def test_every_task_reaches_its_modules_and_nothing_is_detached():
         for p in model.encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     obs, actions = _batch(4)
-    losses, _ = model.compute_total_loss(obs, actions, ema_model=ema.module, lambda_gram=0.05)
+    losses, _ = model.compute_total_loss(obs, actions, ema_model=ema.module)
     assert float(losses["gram_enc_loss"]) > 0
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("discriminator.")]
     names, params = [n for n, _ in named], [p for _, p in named]
