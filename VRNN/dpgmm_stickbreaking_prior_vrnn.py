@@ -324,6 +324,19 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         extras["observations"] = x
         return outputs, extras
 
+    def reconstruction_nats(self, observations: Any, latents: Tensor, hidden_states: Tensor,
+                            attention_prior_maps: Tensor) -> Tensor:
+        """-log p(x_t | z_t, h_t, A_t) in nats per frame [B, T], decoding the given (possibly swapped) states.
+
+        observations [B, T, 3, 64, 64] (uint8 or float in [-1, 1]), latents [B, T, D], hidden_states [B, T, H],
+        attention_prior_maps [B, T, R, R] (as ``forward_sequence`` returns them). Used by the evaluation's
+        context-dependence controls: decode window i's frames from window j's z (or h) and compare."""
+        x = self._prepare_observations(observations)
+        b, t = x.shape[:2]
+        dec_in = torch.cat([latents, hidden_states], dim=-1).flatten(0, 1).to(x.dtype)
+        params = self.decoder(dec_in, attention_prior_maps.flatten(0, 1).to(x.dtype)).float()
+        return -self.likelihood.log_prob(params, x.flatten(0, 1)).view(b, t)
+
     def forward_sequence(self, observations: Any, actions: Any, is_first: Tensor | None = None,
                          generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Filter a window with the posterior and reconstruct it.
