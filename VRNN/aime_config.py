@@ -34,7 +34,8 @@ class AIMEConfig:
     action_repeat: int = 2               # physics steps per agent step (DMC convention)
     episode_length: int = 500            # agent steps per collected episode
     train_episodes: int = 50
-    eval_episodes: int = 10
+    eval_episodes: int = 10              # test split: the held-out episodes of the reported evaluation
+    val_episodes: int = 4                # validation split: chooses best.pt (0: the test split serves)
     policy: str = "ou"                   # behaviour policy for collection: random | ou | sine
     augment: bool = False                # frame-consistent random shift of whole windows
 
@@ -154,6 +155,7 @@ class AIMEConfig:
         _check(self.policy in ("random", "ou", "sine"), "policy", self.policy, "'random', 'ou' or 'sine'")
         _check(self.max_components >= 2, "max_components", self.max_components, "at least 2")
         _check(self.image_size % 16 == 0, "image_size", self.image_size, "a multiple of 16")
+        _check(self.val_episodes >= 0, "val_episodes", self.val_episodes, "0 or a positive integer")
         _check(self.sequence_length >= 2, "sequence_length", self.sequence_length, "at least 2")
         _check(self.sequence_length <= self.perceiver_max_seq_len, "sequence_length",
                self.sequence_length, f"at most perceiver_max_seq_len={self.perceiver_max_seq_len}")

@@ -1,6 +1,7 @@
-"""Training windows from an episode file (format: VRNN/hdf5_io.py).
+"""Training windows from a split (format: VRNN/hdf5_io.py).
 
-``DMCVBDataset(path, T)`` indexes every window of T consecutive rows that lies inside one episode
+``DMCVBDataset(path, T)`` reads a split folder (``data/<env>/train``: one file per episode) or an old
+single-file split (``train.h5``) and indexes every window of T consecutive rows that lies inside one episode
 (stride 1; a window never crosses an episode boundary). Item ``i`` is a dict:
 
 * ``observations``: [T,3,S,S] float32 in [-1, 1] (``scale="float"``) or uint8 (``scale="uint8"``)
@@ -13,21 +14,21 @@
 identical for every frame of the window so that motion is not corrupted; the shift comes from a
 generator seeded with (seed, epoch, index), so a given item is reproducible (``set_epoch`` changes it).
 
-Files below ``cache_bytes`` (2 GiB of uint8 frames) are loaded into RAM once; larger files are read
-lazily, each DataLoader worker process opening its own h5py handle (h5py handles must not cross fork).
+Splits below ``cache_bytes`` (2 GiB of uint8 frames) are loaded into RAM once; larger ones are read
+lazily, each DataLoader worker process opening its own h5py handles (h5py handles must not cross fork).
+Damaged data raises DataFileError (a ValueError) naming the file and what to do.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from VRNN.hdf5_io import DATASETS, DataFileError, file_attrs, list_episodes, open_checked, verify
+from VRNN.hdf5_io import DataFileError, Split
 
 __all__ = ["SCALES", "DMCVBDataset"]
 
@@ -39,7 +40,7 @@ DEFAULT_CACHE_BYTES = 2 * 1024 ** 3
 
 
 class DMCVBDataset(Dataset):
-    """Windows of ``sequence_length`` (T) consecutive steps inside single episodes of one HDF5 file."""
+    """Windows of ``sequence_length`` (T) consecutive steps inside single episodes of one split."""
 
     def __init__(self, path: str | Path, sequence_length: int, scale: str = "float", augment: bool = False,
                  seed: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES):
@@ -53,18 +54,14 @@ class DMCVBDataset(Dataset):
         self.augment = bool(augment)
         self.seed = int(seed)
         self.epoch = 0
-        with open_checked(self.path) as f:  # DataFileError (ValueError) for missing / non-HDF5 / schema
-            names = list_episodes(f)
-            attrs = file_attrs(f)
-            if not names:
-                raise DataFileError(f"{self.path} holds no complete episode")
-            try:
-                self.episode_lengths = [int(f[n]["reward"].shape[0]) for n in names]
-            except (KeyError, OSError) as err:
-                raise DataFileError(f"{self.path} is inconsistent ({err}); run "
-                                    f"'python VRNN/collect_dmc.py verify {self.path}'") from err
-            frame_bytes = int(np.prod(f[names[0]]["obs"].shape[1:]))
-            self.action_dim = int(attrs.get("action_dim", f[names[0]]["action"].shape[1]))
+        # DataFileError (a ValueError) naming the file for missing / damaged / wrong-schema data
+        self._split = Split(self.path)
+        names, attrs = self._split.names, self._split.attrs
+        if not names:
+            raise DataFileError(f"{self.path} holds no complete episode; collect it again "
+                                f"('python VRNN/collect_dmc.py --out {self.path.parent}')")
+        self.episode_lengths = list(self._split.lengths)
+        self.action_dim = int(attrs.get("action_dim", 0))
         self.env_name = str(attrs.get("env", "unknown"))
         self.image_size = int(attrs.get("image_size", 64))
         self.attrs = attrs
@@ -76,20 +73,17 @@ class DMCVBDataset(Dataset):
         self.window_index: list[tuple[int, int]] = [
             (e, start) for e, n in enumerate(self.episode_lengths) for start in range(n - self.sequence_length + 1)
         ]
-        total_bytes = frame_bytes * sum(self.episode_lengths)
+        total_bytes = self.image_size * self.image_size * 3 * sum(self.episode_lengths)
         self.cached = total_bytes < cache_bytes
         self._episodes: list[dict[str, np.ndarray]] | None = None
-        self._file = None
-        self._pid = None
         if self.cached:
-            problems = []
-            with open_checked(self.path) as f:
-                try:
-                    self._episodes = [{k: f[n][k][()] for k in DATASETS} for n in names]
-                except (OSError, RuntimeError, KeyError) as err:
-                    problems = verify(self.path) or [str(err)]
-            if problems:
-                raise DataFileError(f"{self.path} cannot be read: {'; '.join(problems[:3])}")
+            self._episodes = [self._split.read(i) for i in range(len(names))]
+            self._split.close()
+            for name, episode in zip(names, self._episodes, strict=True):
+                if episode["obs"].shape[1:] != (self.image_size, self.image_size, 3):
+                    raise DataFileError(f"{self.path} episode {name} has frames of shape {episode['obs'].shape[1:]}"
+                                        f", the split says image_size={self.image_size}; run "
+                                        f"'python VRNN/collect_dmc.py verify {self.path}'")
         logger.info("%s: %d episodes, %d windows of T=%d, %s", self.path, len(names), len(self.window_index),
                     self.sequence_length, "cached in RAM" if self.cached else "read lazily")
 
@@ -104,13 +98,7 @@ class DMCVBDataset(Dataset):
         stop = start + self.sequence_length
         if self._episodes is not None:
             return {k: v[start:stop] for k, v in self._episodes[episode].items()}
-        if self._file is None or self._pid != os.getpid():
-            import h5py
-
-            self._file = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        group = self._file[self.episode_names[episode]]
-        return {k: group[k][start:stop] for k in DATASETS}
+        return self._split.rows(episode, start, stop)  # one h5py handle per file and worker process
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= index < len(self):
@@ -137,8 +125,3 @@ class DMCVBDataset(Dataset):
         padded = np.pad(frames, ((0, 0), (SHIFT_PAD, SHIFT_PAD), (SHIFT_PAD, SHIFT_PAD), (0, 0)), mode="edge")
         return padded[:, dy:dy + size, dx:dx + size]
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_file"] = None  # an open h5py handle cannot be pickled into spawned workers
-        state["_pid"] = None
-        return state

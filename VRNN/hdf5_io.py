@@ -1,135 +1,432 @@
-"""The on-disk episode format (schema version 1): one HDF5 file per split, one group per episode.
+"""The on-disk episode format: one HDF5 file per episode inside a split folder (schema version 2).
 
-File attributes: ``schema_version`` (int), ``env`` (canonical ``domain-task``), ``camera``,
-``action_repeat``, ``policy``, ``seeds`` (int64 [E], one per episode in episode order, -1 = unknown),
-``image_size`` (S), ``action_dim`` (A); optional ``episode_length`` and ``source``.
-Group ``episode_000000`` ... holds, for an episode of L agent steps, N = L + 1 rows (RLDS convention):
-``obs`` uint8 [N,S,S,3] (gzip, chunks of 16 frames), ``action`` float32 [N,A] (a_t taken after x_t; the
-last row is zeros), ``reward`` float32 [N] (r_t received after a_t; last row 0), ``is_first``,
-``is_last``, ``is_terminal`` bool [N].
+Layout of a data folder (default ``data/<env>``)::
 
-Atomicity: an episode is written under a temporary group name and moved to its final name only once
-complete, then the file is flushed; readers ignore temporary groups and writers delete stray ones.
+    train/ep_000000.h5 ep_000001.h5 ...     training episodes
+    val/ep_000000.h5 ...                    validation episodes (checkpoint selection)
+    test/ep_000000.h5 ...                   test episodes (the reported evaluation)
+
+Each episode file holds, for an episode of L agent steps, N = L + 1 rows (RLDS convention) as root
+datasets: ``obs`` uint8 [N,S,S,3] (gzip, chunks of 16 frames), ``action`` float32 [N,A] (a_t taken after
+x_t; the last row is zeros), ``reward`` float32 [N] (r_t received after a_t; last row 0), ``is_first``,
+``is_last``, ``is_terminal`` bool [N]; and attributes ``schema_version`` (2), ``env`` (canonical
+``domain-task``), ``camera``, ``action_repeat``, ``policy``, ``image_size`` (S), ``action_dim`` (A),
+``index`` (the number in the file name), ``seed`` (-1 when unknown), ``split``, and optionally
+``episode_length``, ``split_episodes`` (how many episodes the collection asked for) and ``source``.
+
+Crash safety: an episode file is built in memory, written under a hidden temporary name
+(``.ep_000017.h5.<pid>.tmp``), fsynced, linked to its final name (never over an existing file) and the
+folder is fsynced. Nothing is ever updated in place: the split's index (episodes, seeds, attributes) is
+derived from the files present, so a kill at any moment loses at most the episode being written, and
+readers ignore temporary files (writers and ``repair`` delete them).
+
+Old splits of schema version 1 (one file per split, ``train.h5`` / ``eval.h5``, one group
+``episode_000000`` ... per episode, file attributes including ``seeds``) are still read everywhere;
+``convert_legacy`` turns one into a split folder.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
-from collections.abc import Iterator, Mapping
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import h5py
 import numpy as np
 
 __all__ = [
+    "DAMAGED_DIR",
+    "LEGACY_SCHEMA_VERSION",
     "SCHEMA_VERSION",
+    "SPLITS",
     "DataFileError",
+    "DataSplits",
+    "DiskFullError",
     "EpisodeWriter",
+    "Split",
+    "SplitCheck",
+    "check_seeds_disjoint",
+    "check_split",
+    "convert_legacy",
+    "episode_file_name",
     "episode_name",
+    "fault_point",
     "file_attrs",
+    "find_splits",
     "iter_episodes",
+    "list_episode_files",
     "list_episodes",
     "open_checked",
     "read_episode",
+    "repair",
     "summary",
     "verify",
+    "write_episode_file",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-EPISODE_PREFIX = "episode_"
-TEMP_PREFIX = "_incomplete_"
+SCHEMA_VERSION = 2           # one file per episode in a split folder
+LEGACY_SCHEMA_VERSION = 1    # one file per split, one group per episode
+SPLITS = ("train", "val", "test")
+LEGACY_FILES = {"train": "train.h5", "test": "eval.h5"}
+DAMAGED_DIR = "damaged"
+EPISODE_PREFIX = "episode_"   # legacy group names
+TEMP_PREFIX = "_incomplete_"  # legacy temporary groups
+EPISODE_FILE_RE = re.compile(r"^ep_(\d{6,})\.h5$")
+TEMP_FILE_RE = re.compile(r"^\.ep_\d{6,}\.h5\..*\.tmp$")
 CHUNK_FRAMES = 16
 REQUIRED_ATTRS = ("schema_version", "env", "camera", "action_repeat", "policy", "seeds", "image_size",
                   "action_dim")
+EPISODE_ATTRS = ("schema_version", "env", "camera", "action_repeat", "policy", "image_size", "action_dim",
+                 "index", "seed", "split")
+# attributes every episode of one split must share
+SHARED_ATTRS = ("env", "camera", "action_repeat", "policy", "image_size", "action_dim", "episode_length")
 DATASETS = ("obs", "action", "reward", "is_first", "is_last", "is_terminal")
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class DataFileError(ValueError):
-    """A data file is missing, not HDF5, of another schema version or inconsistent."""
+    """A data file or split folder is missing, damaged, of another schema version or inconsistent."""
+
+
+class DiskFullError(OSError):
+    """The disk (or quota, or file-size limit) ran out while an episode was written; finished episodes
+    are intact and the temporary file was removed."""
+
+
+class DataSplits(NamedTuple):
+    """Paths of the three splits of a data folder (a split folder or an old single file each).
+
+    ``validation`` equals ``test`` when the folder has no validation split (old two-split data)."""
+
+    train: Path
+    validation: Path
+    test: Path
+
+
+# --------------------------------------------------------------------------------------------------
+# Fault injection for the crash tests (tests/test_fault_injection_data.py)
+_FAULT_ENV = "AIME_DATA_FAULT"
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named point of the write path where the tests inject a fault; does nothing unless the
+    environment variable ``AIME_DATA_FAULT`` is ``"<name>:<n>:<action>"``: at the n-th time (from 1)
+    ``name`` is reached, ``action`` happens: ``kill`` / ``term`` / ``int`` send SIGKILL / SIGTERM / SIGINT
+    to this process, ``enospc`` raises OSError(ENOSPC), ``pause`` sleeps 60 s (the test kills it)."""
+    spec = os.environ.get(_FAULT_ENV)
+    if not spec:
+        return
+    point, count, action = spec.split(":")
+    if point != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] != int(count):
+        return
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action == "pause":
+        time.sleep(60)
+        return
+    sig = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[action]
+    os.kill(os.getpid(), sig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Names and small helpers
+def episode_file_name(index: int) -> str:
+    """``ep_000017.h5``: the file of episode ``index`` inside a split folder."""
+    return f"ep_{int(index):06d}.h5"
 
 
 def episode_name(index: int) -> str:
+    """``episode_000017``: the group of episode ``index`` in an old single-file split."""
     return f"{EPISODE_PREFIX}{index:06d}"
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def file_attrs(f: h5py.File | h5py.Group) -> dict[str, Any]:
+    """Attributes as plain Python values (arrays as lists)."""
+    return {key: _plain(value) for key, value in f.attrs.items()}
+
+
+def list_episode_files(directory: str | Path) -> list[tuple[int, Path]]:
+    """``(index, path)`` of the finished episode files of a split folder, by index; temporary files and
+    the ``damaged/`` folder are ignored."""
+    directory = Path(directory)
+    out = []
+    for entry in os.scandir(directory):
+        match = EPISODE_FILE_RE.match(entry.name)
+        if match and entry.is_file():
+            out.append((int(match.group(1)), Path(entry.path)))
+    return sorted(out)
+
+
+def _temp_files(directory: Path) -> list[Path]:
+    return sorted(Path(e.path) for e in os.scandir(directory) if TEMP_FILE_RE.match(e.name))
+
+
+def find_splits(data_dir: str | Path) -> DataSplits | None:
+    """The splits of a data folder, or None when it holds no training split.
+
+    Folder layout (``train/``, ``val/``, ``test/``) first; otherwise the old files ``train.h5`` and
+    ``eval.h5``, where ``eval.h5`` serves as both validation and test. A folder layout without ``val/``
+    uses ``test/`` for validation too. Raises DataFileError when ``data_dir`` is not a folder.
+    """
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataFileError(f"data folder {data_dir} is a file; expected a folder holding train/ val/ test/ "
+                            f"(or the old train.h5 and eval.h5)")
+    train_dir, val_dir, test_dir = (data_dir / s for s in SPLITS)
+    if train_dir.is_dir() and test_dir.is_dir():
+        return DataSplits(train_dir, val_dir if val_dir.is_dir() else test_dir, test_dir)
+    old_train, old_eval = data_dir / LEGACY_FILES["train"], data_dir / LEGACY_FILES["test"]
+    if old_train.is_file() and old_eval.is_file() and not train_dir.exists():
+        return DataSplits(old_train, old_eval, old_eval)
+    return None
+
+
+def _repair_hint(path: Path) -> str:
+    if path.parent.is_dir() and EPISODE_FILE_RE.match(path.name):
+        return (f"run 'python VRNN/collect_dmc.py repair {path.parent}' to move it aside (collecting again "
+                f"re-collects that episode), or delete the file")
+    return (f"run 'python VRNN/collect_dmc.py convert {path} NEWDIR' to keep its readable episodes, or "
+            f"delete it and collect again")
+
+
+# --------------------------------------------------------------------------------------------------
+# Old single-file splits (schema version 1)
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise DataFileError(f"data file not found: {path}")
     if not path.is_file():
         raise DataFileError(f"data path is not a file: {path}")
     if not h5py.is_hdf5(str(path)):
-        raise DataFileError(f"not an HDF5 file (wrong or corrupt file?): {path}")
+        raise DataFileError(f"not an HDF5 file (wrong or corrupt file?): {path}; {_repair_hint(path)}")
 
 
-def open_checked(path: str | Path, mode: str = "r") -> h5py.File:
-    """Open an existing data file, raising DataFileError (a ValueError) with a clear message when it is
-    missing, not HDF5, unreadable or of another schema version."""
-    path = Path(path)
+def _check_version(f: h5py.File, path: Path, expected: int) -> None:
+    version = _plain(f.attrs.get("schema_version"))
+    if isinstance(version, (int, np.integer)) and int(version) == expected:
+        return
+    f.close()
+    if version is None:
+        raise DataFileError(f"{path}: no schema_version attribute; not a file of this project's format")
+    raise DataFileError(f"{path}: schema_version is {version!r}, expected {expected}; re-collect or re-import "
+                        f"the data")
+
+
+def _open_h5(path: Path) -> h5py.File:
     _check_exists(path)
     try:
-        f = h5py.File(path, mode)
-    except OSError as err:
-        raise DataFileError(f"cannot open HDF5 file {path} (corrupt or truncated?): {err}") from err
-    version = f.attrs.get("schema_version")
-    version = version.item() if isinstance(version, np.generic) else version
-    if not isinstance(version, (int, np.integer)) or int(version) != SCHEMA_VERSION:
-        f.close()
-        if version is None:
-            raise DataFileError(f"{path}: no schema_version attribute; not a file of this project's format "
-                                f"(schema_version {SCHEMA_VERSION})")
-        raise DataFileError(f"{path}: schema_version is {version!r}, this code reads schema_version "
-                            f"{SCHEMA_VERSION}; re-collect or re-import the data")
+        return h5py.File(path, "r")
+    except (OSError, RuntimeError) as err:
+        raise DataFileError(f"{path} is damaged (cannot open: {_short(err)}); {_repair_hint(path)}") from err
+
+
+def _short(err: BaseException) -> str:
+    return str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+
+
+def open_checked(path: str | Path) -> h5py.File:
+    """Open an old single-file split (schema version 1) for reading, raising DataFileError (a ValueError)
+    with a clear message when it is missing, not HDF5, unreadable or of another schema version."""
+    path = Path(path)
+    f = _open_h5(path)
+    _check_version(f, path, LEGACY_SCHEMA_VERSION)
     return f
 
 
 def list_episodes(f: h5py.File) -> list[str]:
-    """Names of the complete episodes, in order (temporary groups are ignored)."""
+    """Names of the complete episode groups of an old single-file split, in order."""
     return sorted(k for k in f if k.startswith(EPISODE_PREFIX))
 
 
-def file_attrs(f: h5py.File) -> dict[str, Any]:
-    """File attributes as plain Python values (seeds as a list of ints)."""
-    out: dict[str, Any] = {}
-    for key, value in f.attrs.items():
-        if isinstance(value, np.ndarray):
-            out[key] = value.tolist()
-        elif isinstance(value, np.generic):
-            out[key] = value.item()
-        elif isinstance(value, bytes):
-            out[key] = value.decode()
-        else:
-            out[key] = value
-    return out
+def read_episode(f: h5py.File | h5py.Group, name: str | None = None) -> dict[str, np.ndarray]:
+    """One episode as arrays: obs uint8 [N,S,S,3], action float32 [N,A], reward float32 [N], flags [N].
 
-
-def read_episode(f: h5py.File, name: str) -> dict[str, np.ndarray]:
-    """One episode as arrays: obs uint8 [N,S,S,3], action float32 [N,A], reward float32 [N], flags [N]."""
-    group = f[name]
+    ``f`` is an episode file (``name`` None) or an old split file with the group ``name``."""
+    group = f if name is None else f[name]
     return {key: group[key][()] for key in DATASETS}
 
 
+# --------------------------------------------------------------------------------------------------
+# A split, whichever its layout
+class Split:
+    """The episodes of one split: a folder of episode files or an old single file.
+
+    Attributes: ``path``, ``layout`` ("folder" or "file"), ``names`` (file stems or group names),
+    ``indices``, ``seeds``, ``lengths`` (rows per episode), ``attrs`` (the shared attributes plus
+    ``seeds``), ``requested`` (episodes the collection asked for, None when unknown).
+    Construction raises DataFileError naming the first damaged file and what to do.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+        if self.path.is_dir():
+            self._init_folder()
+        elif self.path.exists():
+            self._init_file()
+        else:
+            raise DataFileError(f"data split not found: {self.path}")
+
+    def _init_folder(self) -> None:
+        self.layout = "folder"
+        listed = list_episode_files(self.path)
+        self.files = [p for _, p in listed]
+        self.indices = [i for i, _ in listed]
+        self.names = [p.stem for p in self.files]
+        self.seeds, self.lengths = [], []
+        attrs: dict[str, Any] = {}
+        requested = None
+        for path in self.files:
+            with _open_episode(path) as f:
+                a = file_attrs(f)
+                length = int(f["reward"].shape[0]) if "reward" in f else 0
+            if not attrs:
+                attrs = {k: a[k] for k in SHARED_ATTRS if k in a}
+            else:
+                clash = [k for k in SHARED_ATTRS if k in attrs and a.get(k) != attrs[k]]
+                if clash:
+                    key = clash[0]
+                    raise DataFileError(f"{path} has {key}={a.get(key)!r} but {self.files[0].name} has "
+                                        f"{attrs[key]!r}: episodes of one split must agree; "
+                                        f"{_repair_hint(path)}")
+            if a.get("split_episodes") is not None:
+                requested = max(requested or 0, int(a["split_episodes"]))
+            self.seeds.append(int(a.get("seed", -1)))
+            self.lengths.append(length)
+        attrs["schema_version"] = SCHEMA_VERSION
+        attrs["seeds"] = list(self.seeds)
+        self.attrs = attrs
+        self.requested = requested
+
+    def _init_file(self) -> None:
+        self.layout = "file"
+        self.files = [self.path]
+        with open_checked(self.path) as f:
+            try:
+                self.names = list_episodes(f)
+                self.lengths = [int(f[n]["reward"].shape[0]) for n in self.names]
+                group_seeds = [f[n].attrs.get("seed") for n in self.names]
+            except (OSError, RuntimeError, KeyError) as err:
+                raise DataFileError(f"{self.path} is damaged ({_short(err)}); {_repair_hint(self.path)}") from err
+            self.attrs = file_attrs(f)
+        file_seeds = list(np.atleast_1d(self.attrs.get("seeds", [])))
+        self.seeds = [int(s) if s is not None else int(file_seeds[i]) if i < len(file_seeds) else -1
+                      for i, s in enumerate(group_seeds)]
+        self.indices = [int(n[len(EPISODE_PREFIX):]) for n in self.names]
+        self.requested = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _handle(self, i: int) -> h5py.File:
+        if self._pid != os.getpid():  # a handle must not cross fork: reopen in each worker process
+            self._handles = {}
+            self._pid = os.getpid()
+        key = 0 if self.layout == "file" else i
+        handle = self._handles.get(key)
+        if handle is None or not handle.id.valid:
+            if len(self._handles) >= 64:
+                for old in list(self._handles.values()):
+                    old.close()
+                self._handles.clear()
+            path = self.files[key]
+            try:
+                handle = h5py.File(path, "r")
+            except (OSError, RuntimeError) as err:
+                raise DataFileError(f"{path} is damaged (cannot open: {_short(err)}); {_repair_hint(path)}") from err
+            self._handles[key] = handle
+        return handle if self.layout == "folder" else handle[self.names[i]]
+
+    def read(self, i: int) -> dict[str, np.ndarray]:
+        """Episode at position ``i``: the arrays of ``read_episode``; DataFileError when unreadable."""
+        return self.rows(i, 0, None)
+
+    def rows(self, i: int, start: int, stop: int | None) -> dict[str, np.ndarray]:
+        """Rows ``start:stop`` of episode ``i`` (every dataset)."""
+        where = self.files[i] if self.layout == "folder" else f"{self.path} group {self.names[i]}"
+        try:
+            group = self._handle(i)
+            return {key: group[key][start:stop] for key in DATASETS}
+        except (OSError, RuntimeError, KeyError) as err:
+            raise DataFileError(f"{where} is damaged ({_short(err)}); {_repair_hint(Path(self.files[i]))}") from err
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            if handle.id.valid:
+                handle.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = {}  # open h5py handles cannot be pickled into spawned workers
+        return state
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_episode(path: Path) -> h5py.File:
+    f = _open_h5(path)
+    _check_version(f, path, SCHEMA_VERSION)
+    return f
+
+
 def iter_episodes(path: str | Path) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    with open_checked(path) as f:
-        for name in list_episodes(f):
-            yield name, read_episode(f, name)
+    """``(name, arrays)`` of every episode of a split folder or old split file, in order."""
+    with Split(path) as split:
+        for i, name in enumerate(split.names):
+            yield name, split.read(i)
 
 
 def summary(path: str | Path) -> dict[str, Any]:
     """Counts for humans: episodes, rows, agent steps (rows minus one per episode), A, env, policy."""
-    with open_checked(path) as f:
-        names = list_episodes(f)
-        lengths = [int(f[n]["reward"].shape[0]) for n in names]
-        attrs = file_attrs(f)
+    split = Split(path)
+    attrs, lengths = split.attrs, split.lengths
     return {
-        "path": str(path), "episodes": len(names), "rows": sum(lengths),
+        "path": str(path), "layout": split.layout, "episodes": len(lengths), "rows": sum(lengths),
         "steps": sum(lengths) - len(lengths), "episode_lengths": lengths,
         "action_dim": attrs.get("action_dim"), "env": attrs.get("env"), "policy": attrs.get("policy"),
         "image_size": attrs.get("image_size"), "action_repeat": attrs.get("action_repeat"),
         "camera": attrs.get("camera"), "schema_version": attrs.get("schema_version"),
+        "seeds": list(split.seeds), "requested": split.requested,
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking
+class SplitCheck(NamedTuple):
+    """What ``check_split`` found: ``problems`` (the split is bad while any remain), ``notes`` (harmless:
+    leftover temporary files, gaps left by repair), ``damaged`` (episode files that ``repair`` moves aside)."""
+
+    problems: list[str]
+    notes: list[str]
+    damaged: list[Path]
 
 
 def _verify_episode(group: h5py.Group, name: str, size: int | None, action_dim: int | None) -> list[str]:
@@ -159,7 +456,7 @@ def _verify_episode(group: h5py.Group, name: str, size: int | None, action_dim: 
     try:
         data = {key: group[key][()] for key in DATASETS}
     except (OSError, RuntimeError, ValueError) as err:
-        return [f"{name}: unreadable data (corrupt file?): {err}"]
+        return [f"{name}: unreadable data (corrupt file?): {_short(err)}"]
     first, last, terminal = data["is_first"], data["is_last"], data["is_terminal"]
     if not first[0] or first[1:].any():
         problems.append(f"{name}: is_first must be True exactly at row 0, found at rows {np.flatnonzero(first).tolist()}")
@@ -173,9 +470,7 @@ def _verify_episode(group: h5py.Group, name: str, size: int | None, action_dim: 
     return problems
 
 
-def verify(path: str | Path) -> list[str]:
-    """Everything wrong with a data file, as human-readable lines (empty list: the file is good)."""
-    path = Path(path)
+def _verify_legacy(path: Path) -> list[str]:
     try:
         f = open_checked(path)
     except DataFileError as err:
@@ -190,7 +485,7 @@ def verify(path: str | Path) -> list[str]:
         try:
             names = list_episodes(f)
         except (OSError, RuntimeError) as err:
-            return problems + [f"cannot list episodes (corrupt file?): {err}"]
+            return problems + [f"cannot list episodes (corrupt file?): {_short(err)}"]
         if not names:
             problems.append("file holds no complete episode")
         if "seeds" in f.attrs and len(np.atleast_1d(f.attrs["seeds"])) != len(names):
@@ -199,102 +494,395 @@ def verify(path: str | Path) -> list[str]:
         expected = [episode_name(i) for i in range(len(names))]
         if names != expected:
             problems.append(f"episode groups are not numbered 0..{len(names) - 1} without gaps")
+        seen: dict[int, str] = {}
         for name in names:
             try:
                 problems.extend(_verify_episode(f[name], name, size, action_dim))
+                seed = f[name].attrs.get("seed")
             except (OSError, RuntimeError, KeyError) as err:
-                problems.append(f"{name}: unreadable (corrupt file?): {err}")
+                problems.append(f"{name}: unreadable (corrupt file?): {_short(err)}")
+                continue
+            if seed is not None and int(seed) >= 0:
+                if int(seed) in seen:
+                    problems.append(f"{name}: duplicate of {seen[int(seed)]} (same seed {int(seed)})")
+                seen.setdefault(int(seed), name)
     return problems
 
 
-class EpisodeWriter:
-    """Appends whole episodes to a data file, creating it with ``attrs`` when it does not exist.
+def _check_folder(path: Path) -> SplitCheck:
+    problems: list[str] = []
+    notes: list[str] = []
+    damaged: list[Path] = []
+    files = list_episode_files(path)
+    temps = _temp_files(path)
+    if temps:
+        notes.append(f"{len(temps)} temporary file(s) left by an interrupted write (ignored; removed by the next "
+                     f"collection or by repair): {', '.join(p.name for p in temps[:3])}")
+    if not files:
+        problems.append(f"{path}: no finished episode file (ep_*.h5)")
+    reference: dict[str, Any] = {}
+    seen: dict[int, str] = {}
+    requested = 0
+    for index, file in files:
+        name = file.name
+        try:
+            f = _open_episode(file)
+        except DataFileError as err:
+            problems.append(f"{name}: {str(err).replace(str(file), 'file')}")
+            damaged.append(file)
+            continue
+        with f:
+            try:
+                attrs = file_attrs(f)
+                own = []
+                missing = [a for a in EPISODE_ATTRS if a not in attrs]
+                if missing:
+                    own.append(f"{name}: missing attributes {missing}")
+                if attrs.get("index") is not None and int(attrs["index"]) != index:
+                    own.append(f"{name}: attribute index is {attrs['index']}, the file name says {index}")
+                requested = max(requested, int(attrs.get("split_episodes", 0) or 0))
+                if not reference:
+                    reference = {k: attrs[k] for k in SHARED_ATTRS if k in attrs}
+                else:
+                    for key in SHARED_ATTRS:
+                        if key in reference and attrs.get(key) != reference[key]:
+                            own.append(f"{name}: {key}={attrs.get(key)!r}, other episodes have {reference[key]!r}")
+                size = int(attrs["image_size"]) if "image_size" in attrs else None
+                action_dim = int(attrs["action_dim"]) if "action_dim" in attrs else None
+                own.extend(_verify_episode(f, name, size, action_dim))
+            except (OSError, RuntimeError, KeyError) as err:
+                own = [f"{name}: unreadable (corrupt file?): {_short(err)}"]
+        seed = int(attrs.get("seed", -1)) if not own else -1
+        if seed >= 0 and seed in seen:
+            own.append(f"{name}: duplicate of {seen[seed]} (same seed {seed})")
+        if seed >= 0:
+            seen.setdefault(seed, name)
+        if own:
+            problems.extend(own)
+            damaged.append(file)
+    present = {i for i, _ in files}
+    if files:
+        expected = max(max(present) + 1, requested)
+        gaps = sorted(set(range(expected)) - present)
+        if gaps:
+            notes.append(f"missing episode indices {gaps[:10]}{' ...' if len(gaps) > 10 else ''} "
+                         f"(collecting again fills them)")
+    aside = path / DAMAGED_DIR
+    if aside.is_dir() and any(aside.iterdir()):
+        notes.append(f"{sum(1 for _ in aside.iterdir())} file(s) moved aside in {aside}")
+    return SplitCheck(problems, notes, damaged)
 
-    ``attrs`` must hold every required attribute except ``schema_version`` and ``seeds`` (managed here).
-    Opening an existing file checks that its attributes agree with ``attrs`` (ValueError otherwise) and
-    removes stray temporary groups left by an interrupted write.
+
+def check_split(path: str | Path) -> SplitCheck:
+    """Problems, notes and damaged episode files of a split folder, an old split file or one episode file.
+
+    It checks the schema version and attributes, that episodes agree on the shared attributes, the
+    datasets of every episode (dtypes, shapes agreeing with ``image_size`` and ``action_dim``, the
+    is_first / is_last / is_terminal flags, finite actions and rewards, readable data: everything is
+    decompressed) and that no two episodes share a seed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _check_folder(path)
+    if not path.exists():
+        return SplitCheck([f"data split not found: {path}"], [], [])
+    if EPISODE_FILE_RE.match(path.name):
+        try:
+            with _open_episode(path) as f:
+                attrs = file_attrs(f)
+                problems = _verify_episode(f, path.name, attrs.get("image_size"), attrs.get("action_dim"))
+        except DataFileError as err:
+            return SplitCheck([str(err)], [], [path])
+        return SplitCheck(problems, [], [path] if problems else [])
+    return SplitCheck(_verify_legacy(path), [], [])
+
+
+def verify(path: str | Path) -> list[str]:
+    """Everything wrong with a split (folder, old file or episode file), as human-readable lines (empty
+    list: good). Harmless findings (temporary files, gaps) are in ``check_split(path).notes``."""
+    return check_split(path).problems
+
+
+def repair(path: str | Path) -> tuple[list[Path], list[Path]]:
+    """Make a split folder consistent: move damaged or duplicate episode files into ``<split>/damaged/``
+    and delete leftover temporary files. Returns ``(moved, removed)``. The episodes moved aside are
+    collected again by the next collection (their index is free again).
+
+    An old single-file split cannot be repaired in place: DataFileError says to use ``convert_legacy``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DataFileError(f"{path} is not a split folder; {_repair_hint(path)}")
+    check = _check_folder(path)
+    moved: list[Path] = []
+    for file in check.damaged:
+        aside = path / DAMAGED_DIR
+        aside.mkdir(exist_ok=True)
+        target = aside / file.name
+        n = 1
+        while target.exists():
+            target = aside / f"{file.name}.{n}"
+            n += 1
+        os.replace(file, target)
+        moved.append(target)
+        logger.warning("moved damaged episode %s to %s", file, target)
+    removed = _temp_files(path)
+    for temp in removed:
+        temp.unlink(missing_ok=True)
+    _fsync_dir(path)
+    return moved, removed
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+def _episode_arrays(data: Mapping[str, np.ndarray], image_size: int, action_dim: int) -> dict[str, np.ndarray]:
+    n = int(np.asarray(data["reward"]).shape[0])
+    arrays = {
+        "obs": np.asarray(data["obs"], dtype=np.uint8),
+        "action": np.asarray(data["action"], dtype=np.float32).reshape(n, -1),
+        "reward": np.asarray(data["reward"], dtype=np.float32),
+        "is_first": np.asarray(data["is_first"], dtype=bool),
+        "is_last": np.asarray(data["is_last"], dtype=bool),
+        "is_terminal": np.asarray(data["is_terminal"], dtype=bool),
+    }
+    if arrays["obs"].shape != (n, image_size, image_size, 3):
+        raise ValueError(f"obs shape {arrays['obs'].shape}, expected {(n, image_size, image_size, 3)}")
+    if arrays["action"].shape != (n, action_dim):
+        raise ValueError(f"action shape {arrays['action'].shape}, expected {(n, action_dim)}")
+    for key in ("is_first", "is_last", "is_terminal"):
+        if arrays[key].shape != (n,):
+            raise ValueError(f"{key} shape {arrays[key].shape}, expected {(n,)}")
+    return arrays
+
+
+def encode_episode(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any], compression_level: int = 4) -> bytes:
+    """The bytes of one episode file (built in memory: nothing touches the disk)."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        for key, value in attrs.items():
+            if value is not None:
+                f.attrs[key] = value
+        obs = arrays["obs"]
+        f.create_dataset("obs", data=obs, chunks=(min(CHUNK_FRAMES, obs.shape[0]), *obs.shape[1:]),
+                         compression="gzip", compression_opts=int(compression_level))
+        for key in ("action", "reward", "is_first", "is_last", "is_terminal"):
+            f.create_dataset(key, data=arrays[key])
+    return buffer.getvalue()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _disk_full(err: OSError, final: Path) -> DiskFullError:
+    return DiskFullError(err.errno, f"{os.strerror(err.errno)} while writing {final}; the finished episodes "
+                                    f"are intact: free some space and run the same command again to resume")
+
+
+def write_episode_file(directory: str | Path, index: int, data: Mapping[str, np.ndarray],
+                       attrs: Mapping[str, Any], compression_level: int = 4) -> Path:
+    """Write one complete episode to ``directory/ep_<index>.h5`` crash-safely; returns the path.
+
+    ``data``: the arrays of the module docstring ([N,S,S,3] uint8 frames, [N,A] actions, [N] rewards and
+    flags). ``attrs`` must hold ``image_size`` and ``action_dim`` (they are checked against the arrays)
+    and the other episode attributes. The bytes go to a temporary file that is fsynced and then linked to
+    the final name, which must not exist yet (FileExistsError). A full disk raises DiskFullError after
+    removing the temporary file.
+    """
+    directory = Path(directory)
+    arrays = _episode_arrays(data, int(attrs["image_size"]), int(attrs["action_dim"]))
+    image = encode_episode(arrays, {**attrs, "index": int(index)}, compression_level)
+    final = directory / episode_file_name(index)
+    if final.exists():
+        raise FileExistsError(f"{final} exists already; an episode file is never overwritten")
+    temp = directory / f".{final.name}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fault_point("open")
+            view = memoryview(image)
+            half = len(view) // 2
+            written = 0
+            while written < len(view):
+                written += os.write(fd, view[written:half if written < half else len(view)])
+                if written == half:
+                    fault_point("mid_write")
+            fault_point("written")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fault_point("synced")
+        try:
+            os.link(temp, final)           # atomic and never replaces an existing episode
+            temp.unlink()
+        except FileExistsError:
+            raise FileExistsError(f"{final} appeared while it was written; is another collector running?") from None
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+                raise
+            os.replace(temp, final)        # file systems without hard links
+        fault_point("renamed")
+        _fsync_dir(directory)
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        if err.errno in DISK_FULL_ERRNOS:
+            raise _disk_full(err, final) from err
+        raise
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+class EpisodeWriter:
+    """Writes whole episodes into a split folder, one file each (``write_episode_file``).
+
+    ``attrs`` must hold ``env``, ``camera``, ``action_repeat``, ``policy``, ``image_size``, ``action_dim``
+    (and may hold ``episode_length``, ``source``, ``split_episodes``). Opening a folder that holds episodes
+    checks that they agree with ``attrs`` (ValueError otherwise, naming the attribute) and removes stray
+    temporary files. Only one writer may hold a folder at a time (an advisory lock, released by any exit).
     """
 
-    def __init__(self, path: str | Path, attrs: Mapping[str, Any], compression_level: int = 4):
-        self.path = Path(path)
+    def __init__(self, directory: str | Path, attrs: Mapping[str, Any], split: str = "train",
+                 compression_level: int = 4):
+        self.path = Path(directory)
         self.compression_level = int(compression_level)
-        needed = [a for a in REQUIRED_ATTRS if a not in ("schema_version", "seeds") and a not in attrs]
+        needed = [a for a in ("env", "camera", "action_repeat", "policy", "image_size", "action_dim")
+                  if a not in attrs]
         if needed:
             raise ValueError(f"EpisodeWriter attrs lack {needed}")
-        self.image_size = int(attrs["image_size"])
-        self.action_dim = int(attrs["action_dim"])
-        if self.path.exists():
-            self._file = open_checked(self.path, "a")
-            self._check_attrs(attrs)
-            for key in [k for k in self._file if k.startswith(TEMP_PREFIX)]:
-                logger.warning("%s: removing incomplete group %s left by an interrupted write", self.path, key)
-                del self._file[key]
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = h5py.File(self.path, "w")
-            self._file.attrs["schema_version"] = SCHEMA_VERSION
-            self._file.attrs["seeds"] = np.zeros(0, dtype=np.int64)
-            for key, value in attrs.items():
-                self._file.attrs[key] = value
-            self._file.flush()
+        if self.path.exists() and not self.path.is_dir():
+            raise DataFileError(f"{self.path} is a file, expected a split folder (an old single-file split? "
+                                f"convert it with 'python VRNN/collect_dmc.py convert {self.path} NEWDIR')")
+        self.attrs = {**attrs, "split": split}
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_folder(self.path)
+        try:
+            for temp in _temp_files(self.path):
+                logger.warning("%s: removing %s left by an interrupted write", self.path, temp.name)
+                temp.unlink(missing_ok=True)
+            self.existing = Split(self.path)
+            self._check_attrs()
+        except BaseException:
+            self.close()
+            raise
 
-    def _check_attrs(self, attrs: Mapping[str, Any]) -> None:
-        existing = file_attrs(self._file)
-        for key, value in attrs.items():
-            if key in existing and existing[key] != (value.tolist() if isinstance(value, np.ndarray) else value):
-                self._file.close()
-                raise ValueError(f"{self.path} was written with {key}={existing[key]!r}, not {value!r}; "
-                                 f"use another output path or overwrite it")
+    def _check_attrs(self) -> None:
+        have = self.existing.attrs
+        for key in SHARED_ATTRS:
+            if key in have and key in self.attrs and have[key] != _plain(self.attrs[key]):
+                raise DataFileError(f"{self.path} holds episodes with {key}={have[key]!r}, not {self.attrs[key]!r}")
 
     @property
-    def num_episodes(self) -> int:
-        return len(list_episodes(self._file))
+    def indices(self) -> list[int]:
+        return list(self.existing.indices)
 
     @property
-    def seeds(self) -> list[int]:
-        return [int(s) for s in np.atleast_1d(self._file.attrs["seeds"])]
+    def seeds(self) -> dict[int, int]:
+        """``index -> seed`` of the episodes present."""
+        return dict(zip(self.existing.indices, self.existing.seeds, strict=True))
 
-    def write_episode(self, data: Mapping[str, np.ndarray], seed: int = -1) -> str:
-        """Append one complete episode (arrays as in the module docstring); returns its group name."""
-        n = int(np.asarray(data["reward"]).shape[0])
-        arrays = {
-            "obs": np.asarray(data["obs"], dtype=np.uint8),
-            "action": np.asarray(data["action"], dtype=np.float32).reshape(n, -1),
-            "reward": np.asarray(data["reward"], dtype=np.float32),
-            "is_first": np.asarray(data["is_first"], dtype=bool),
-            "is_last": np.asarray(data["is_last"], dtype=bool),
-            "is_terminal": np.asarray(data["is_terminal"], dtype=bool),
-        }
-        if arrays["obs"].shape != (n, self.image_size, self.image_size, 3):
-            raise ValueError(f"obs shape {arrays['obs'].shape}, expected {(n, self.image_size, self.image_size, 3)}")
-        if arrays["action"].shape != (n, self.action_dim):
-            raise ValueError(f"action shape {arrays['action'].shape}, expected {(n, self.action_dim)}")
-        for key in ("is_first", "is_last", "is_terminal"):
-            if arrays[key].shape != (n,):
-                raise ValueError(f"{key} shape {arrays[key].shape}, expected {(n,)}")
-        index = self.num_episodes
-        final = episode_name(index)
-        temp = TEMP_PREFIX + final
-        if temp in self._file:
-            del self._file[temp]
-        group = self._file.create_group(temp)
-        group.create_dataset("obs", data=arrays["obs"], chunks=(min(CHUNK_FRAMES, n), *arrays["obs"].shape[1:]),
-                             compression="gzip", compression_opts=self.compression_level)
-        for key in ("action", "reward", "is_first", "is_last", "is_terminal"):
-            group.create_dataset(key, data=arrays[key])
-        group.attrs["seed"] = int(seed)
-        self._file.move(temp, final)
-        self._file.attrs["seeds"] = np.asarray(self.seeds + [int(seed)], dtype=np.int64)
-        self._file.flush()
-        return final
+    def write_episode(self, data: Mapping[str, np.ndarray], seed: int = -1, index: int | None = None) -> Path:
+        """Write one complete episode as ``ep_<index>.h5`` (default: the next free index); returns its path."""
+        if index is None:
+            index = max(self.existing.indices, default=-1) + 1
+        path = write_episode_file(self.path, index, data, {**self.attrs, "seed": int(seed)},
+                                  self.compression_level)
+        self.existing.indices.append(int(index))
+        self.existing.seeds.append(int(seed))
+        return path
 
     def close(self) -> None:
-        if self._file.id.valid:
-            self._file.flush()
-            self._file.close()
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            os.close(lock)
+            self._lock = None
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _lock_folder(directory: Path) -> int:
+    import fcntl
+
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        raise DataFileError(f"{directory} is being written by another process (locked); wait for it or stop it") from err
+    return fd
+
+
+def convert_legacy(old: str | Path, new_dir: str | Path, split: str = "train") -> tuple[int, list[str]]:
+    """Copy the episodes of an old single-file split into a new split folder; returns ``(written,
+    skipped)`` where ``skipped`` names every episode left out (unreadable, invalid or a duplicate seed).
+
+    ``new_dir`` must not hold episodes yet. The old file is only read.
+    """
+    old, new_dir = Path(old), Path(new_dir)
+    if new_dir.exists() and (not new_dir.is_dir() or list_episode_files(new_dir)):
+        raise DataFileError(f"{new_dir} exists and is not an empty folder; choose a new folder")
+    with open_checked(old) as f:
+        attrs = file_attrs(f)
+        try:
+            names = list_episodes(f)
+        except (OSError, RuntimeError) as err:
+            raise DataFileError(f"{old} is damaged beyond repair (cannot list its episodes: {_short(err)})") from err
+        file_seeds = list(np.atleast_1d(attrs.get("seeds", [])))
+        shared = {k: attrs[k] for k in SHARED_ATTRS if k in attrs}
+        if "source" in attrs:
+            shared["source"] = attrs["source"]
+        missing = [k for k in ("env", "camera", "action_repeat", "policy", "image_size", "action_dim") if k not in shared]
+        if missing:
+            raise DataFileError(f"{old} lacks the file attributes {missing}; cannot convert it")
+        written, skipped, seen = 0, [], set()
+        with EpisodeWriter(new_dir, shared, split=split) as writer:
+            for position, name in enumerate(names):
+                try:
+                    problems = _verify_episode(f[name], name, int(shared["image_size"]), int(shared["action_dim"]))
+                    seed = f[name].attrs.get("seed")
+                    data = read_episode(f, name) if not problems else None
+                except (OSError, RuntimeError, KeyError) as err:
+                    problems, data, seed = [f"{name}: unreadable: {_short(err)}"], None, None
+                seed = int(seed) if seed is not None else int(file_seeds[position]) if position < len(file_seeds) else -1
+                if problems:
+                    skipped.append(f"{name} ({problems[0]})")
+                    continue
+                if seed >= 0 and seed in seen:
+                    skipped.append(f"{name} (duplicate seed {seed})")
+                    continue
+                seen.add(seed)
+                writer.write_episode(data, seed=seed, index=int(name[len(EPISODE_PREFIX):]))
+                written += 1
+    return written, skipped
+
+
+def check_seeds_disjoint(splits: Sequence[str | Path]) -> list[str]:
+    """Problems when two splits share a (known) episode seed."""
+    seen: dict[int, str] = {}
+    problems = []
+    for path in splits:
+        try:
+            seeds = Split(path).seeds
+        except DataFileError:
+            continue
+        for seed in seeds:
+            if seed >= 0 and seed in seen and seen[seed] != str(path):
+                problems.append(f"seed {seed} is in both {seen[seed]} and {path}: splits must be disjoint")
+                break
+            seen.setdefault(seed, str(path))
+    return problems

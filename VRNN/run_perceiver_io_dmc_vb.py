@@ -230,7 +230,7 @@ def train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     sampler = seed_everything(config.seed)
     ctx = DistContext(device=device)
-    train_path, eval_path = ensure_dataset(config, args.data_dir, ctx)
+    train_path, _, eval_path = ensure_dataset(config, args.data_dir, ctx)
     pcfg = perceiver_config(config, args)
     train_data = DMCVBDataset(train_path, config.sequence_length, scale="float", augment=config.augment,
                               seed=config.seed)

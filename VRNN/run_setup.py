@@ -20,6 +20,7 @@ from VRNN.aime_config import AIMEConfig
 from VRNN.cli import config_from_args, default_data_dir
 from VRNN.ddp_utils import DistContext, barrier, is_distributed
 from VRNN.dmc_dataset import DMCVBDataset
+from VRNN.hdf5_io import DataFileError, DataSplits, DiskFullError, find_splits
 
 __all__ = [
     "InputError",
@@ -53,24 +54,45 @@ def prepare_config(args: argparse.Namespace) -> AIMEConfig:
 
 
 def ensure_dataset(config: AIMEConfig, data_dir: Path | None, ctx: DistContext,
-                   progress: bool = True) -> tuple[Path, Path]:
-    """Paths of ``train.h5`` and ``eval.h5`` in ``data_dir`` (default ``data/<env>``), collecting them first
-    when either is missing (rank 0 collects, the others wait at a barrier)."""
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir(config.env)
-    train_path, eval_path = data_dir / TRAIN_FILE, data_dir / EVAL_FILE
-    if not (train_path.is_file() and eval_path.is_file()):
-        if ctx.is_main:
-            from VRNN.collect_dmc import collect_dataset
+                   progress: bool = True) -> DataSplits:
+    """``DataSplits(train, validation, test)`` of ``data_dir`` (default ``data/<env>``): the split folders
+    ``train/``, ``val/``, ``test/``, or the old files ``train.h5`` and ``eval.h5`` (``eval.h5`` then serves
+    as both validation and test). A split folder that is missing or unfinished (an interrupted collection)
+    is collected first with the config's settings (rank 0 collects, the others wait at a barrier).
 
-            logger.info("no dataset in %s: collecting %d train and %d eval episodes of %s (%d steps, %s policy)",
-                        data_dir, config.train_episodes, config.eval_episodes, config.env,
-                        config.episode_length, config.policy)
-            collect_dataset(config.env, data_dir, episodes=config.train_episodes,
-                            eval_episodes=config.eval_episodes, episode_length=config.episode_length,
-                            policy=config.policy, seed=config.seed, action_repeat=config.action_repeat,
-                            progress=progress, image_size=config.image_size)
+    Raises ValueError in one line when ``data_dir`` is a file or its data is damaged or was made with other
+    settings, InputError when the disk fills; a signal during collection exits with 128 + its number
+    after a message (finished episodes are kept).
+    """
+    from VRNN.collect_dmc import CollectionInterrupted, collect_dataset, unfinished_splits
+
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir(config.env)
+    splits = find_splits(data_dir)  # DataFileError when data_dir is a file
+    if splits is not None and splits.train.is_file():
+        return splits  # an old two-split dataset, used as it is
+    todo = unfinished_splits(data_dir, config.train_episodes, config.val_episodes, config.eval_episodes)
+    if todo:
+        if ctx.is_main:
+            logger.info("collecting the %s split(s) of %s into %s: %d train, %d validation and %d test episodes of "
+                        "%d steps, %s policy", "/".join(todo), config.env, data_dir, config.train_episodes,
+                        config.val_episodes, config.eval_episodes, config.episode_length, config.policy)
+            try:
+                collect_dataset(config.env, data_dir, episodes=config.train_episodes,
+                                eval_episodes=config.eval_episodes, episode_length=config.episode_length,
+                                policy=config.policy, seed=config.seed, action_repeat=config.action_repeat,
+                                progress=progress, image_size=config.image_size,
+                                val_episodes=config.val_episodes)
+            except DiskFullError as err:
+                raise InputError(str(err)) from err
+            except CollectionInterrupted as err:
+                logger.error("collection stopped by %s: finished episodes are kept in %s; run the same command "
+                             "again to resume", err, data_dir)
+                raise SystemExit(128 + err.signum) from None
         barrier()
-    return train_path, eval_path
+    splits = find_splits(data_dir)
+    if splits is None:
+        raise DataFileError(f"{data_dir} holds no dataset after collection (expected train/ and test/)")
+    return splits
 
 
 def resolve_run_dir(env: str, run_dir: Path | None, ctx: DistContext) -> Path:
@@ -93,30 +115,54 @@ def write_config(run_dir: Path, config: AIMEConfig, ctx: DistContext) -> None:
         config.to_json(Path(run_dir) / "config.json")
 
 
-def load_datasets(config: AIMEConfig, train_path: Path, eval_path: Path):
-    """(train, eval) ``DMCVBDataset`` windows in [-1, 1]: ``config.sequence_length`` frames for training,
-    ``evaluation.eval_sequence_length(config)`` (long enough for T0 observed + F imagined) for evaluation.
+def load_datasets(config: AIMEConfig, train_path: Path, validation_path: Path, test_path: Path | None = None):
+    """(train, validation, test) ``DMCVBDataset`` windows in [-1, 1]: ``config.sequence_length`` frames for
+    training, ``evaluation.eval_sequence_length(config)`` (T0 observed + F imagined) for the other two.
 
-    Raises ValueError when the two files hold different environments or action sizes.
+    Call it with the three paths of ``ensure_dataset`` (``load_datasets(config, *splits)``); without
+    ``test_path`` (the old ``(train, eval)`` call) the second split serves as both validation and test.
+    When validation and test are one split, the same dataset object is returned twice and one log line
+    says so. Raises ValueError when the splits disagree on the action size or their frames are not
+    ``config.image_size`` pixels.
     """
+    test_path = validation_path if test_path is None else test_path
     train = DMCVBDataset(train_path, config.sequence_length, scale="float", augment=config.augment,
                          seed=config.seed)
-    evaluation = load_eval_dataset(config, eval_path)
-    if train.action_dim != evaluation.action_dim:
-        raise ValueError(f"{train_path} has action size {train.action_dim} but {eval_path} has "
-                         f"{evaluation.action_dim}: the two splits come from different environments")
+    _check_frame_size(config, train)
+    test = load_eval_dataset(config, test_path)
+    if Path(validation_path) == Path(test_path):
+        validation = test
+        logger.info("no validation split beside %s: %s serves as both validation (best.pt) and test (the "
+                    "reported evaluation); collect a val/ split to keep them apart", train_path, test_path)
+    else:
+        validation = load_eval_dataset(config, validation_path)
+    for name, data, path in (("validation", validation, validation_path), ("test", test, test_path)):
+        if train.action_dim != data.action_dim:
+            raise ValueError(f"{train_path} has action size {train.action_dim} but the {name} split {path} has "
+                             f"{data.action_dim}: the splits come from different environments")
     env_name = getattr(train, "env_name", None)
     if env_name and env_name != config.env:
         logger.warning("dataset %s was collected on %s but --env is %s; training on the data as it is",
                        train_path, env_name, config.env)
-    return train, evaluation
+    return train, validation, test
 
 
 def load_eval_dataset(config: AIMEConfig, eval_path: Path):
-    """The held-out windows of ``eval_sequence_length(config)`` frames."""
+    """The held-out windows of ``eval_sequence_length(config)`` frames (a validation or test split).
+
+    Raises ValueError when the frames are not ``config.image_size`` pixels."""
     from VRNN.evaluation import eval_sequence_length
 
-    return DMCVBDataset(eval_path, eval_sequence_length(config), scale="float", augment=False, seed=config.seed)
+    data = DMCVBDataset(eval_path, eval_sequence_length(config), scale="float", augment=False, seed=config.seed)
+    _check_frame_size(config, data)
+    return data
+
+
+def _check_frame_size(config: AIMEConfig, data: DMCVBDataset) -> None:
+    if data.image_size != config.image_size:
+        raise ValueError(f"{data.path} holds {data.image_size}x{data.image_size} frames but the model is built for "
+                         f"{config.image_size}x{config.image_size} (image_size={config.image_size}); collect the "
+                         f"data at that size or use another --data-dir")
 
 
 def build_model(config: AIMEConfig, action_dim: int, device: torch.device) -> torch.nn.Module:
@@ -203,8 +249,8 @@ def _setup_training(args: argparse.Namespace, ctx: DistContext):
     if config.batch_size % ctx.world_size:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch and must divide by the "
                          f"number of processes ({ctx.world_size})")
-    train_path, eval_path = ensure_dataset(config, args.data_dir, ctx)
-    train_data, eval_data = load_datasets(config, train_path, eval_path)
+    splits = ensure_dataset(config, args.data_dir, ctx)
+    train_data, _validation_data, eval_data = load_datasets(config, *splits)
     config = config.replace(action_dim=train_data.action_dim)
     run_dir = resolve_run_dir(config.env, args.run_dir, ctx)
     resume_path = find_latest(run_dir / "checkpoints") if args.resume else None
@@ -244,7 +290,7 @@ def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: D
     if clash:
         raise CheckpointError("checkpoint " + str(args.load_checkpoint) + " was trained with other values of "
                               + ", ".join(f"{k} (checkpoint {a!r}, flag {b!r})" for k, (a, b) in sorted(clash.items())))
-    _, eval_path = ensure_dataset(config, args.data_dir, ctx)  # every rank: it may wait on a barrier
+    eval_path = ensure_dataset(config, args.data_dir, ctx).test  # every rank: it may wait on a barrier
     if not ctx.is_main:
         return 0
     eval_data = load_eval_dataset(config, eval_path)

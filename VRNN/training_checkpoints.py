@@ -32,7 +32,7 @@ _NUMBERED = re.compile(r"^step_(\d{8,})\.pt$")
 # long and how verbosely to run, or how data is collected, not what the model is.
 RUN_ONLY_FIELDS = frozenset({
     "max_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_windows",
-    "num_workers", "amp", "train_episodes", "eval_episodes", "episode_length", "policy",
+    "num_workers", "amp", "train_episodes", "eval_episodes", "val_episodes", "episode_length", "policy",
     "max_nonfinite_steps",
 })
 

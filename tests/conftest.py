@@ -1,8 +1,8 @@
 """Shared fixtures.
 
 ``tiny_dmc_data``: a real cheetah-run dataset collected once per test session (sine policy, seed 0,
-2 train episodes and 1 eval episode of 24 agent steps, i.e. 25 rows each, 64x64 frames, action_dim 6).
-Returns the folder holding ``train.h5`` and ``eval.h5``; treat it as read-only.
+2 train, 1 validation and 1 test episode of 24 agent steps, i.e. 25 rows each, 64x64 frames, action_dim 6).
+Returns the data folder holding the split folders ``train/``, ``val/`` and ``test/``; treat it as read-only.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def tiny_dmc_data(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_cheetah_run")
     collect_dataset("cheetah-run", out, episodes=2, eval_episodes=1, episode_length=TINY_EPISODE_LENGTH,
-                    policy="sine", seed=0, action_repeat=2, progress=False)
+                    policy="sine", seed=0, action_repeat=2, progress=False, val_episodes=1)
     return out
 
 

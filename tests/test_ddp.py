@@ -48,6 +48,7 @@ def worker(data_dir: Path, out_dir: Path) -> None:
     from VRNN.aime_config import AIMEConfig
     from VRNN.ddp_utils import cleanup_distributed, init_distributed
     from VRNN.dmc_vb_transition_dynamics_trainer import DMCVBTrainer
+    from VRNN.hdf5_io import find_splits
     from VRNN.run_setup import build_model, load_datasets
     from VRNN.vrnn_utilities import seed_everything
 
@@ -55,7 +56,7 @@ def worker(data_dir: Path, out_dir: Path) -> None:
     ctx = init_distributed("cpu")
     config = AIMEConfig.preset("smoke", batch_size=4, max_steps=STEPS, eval_every=1000, checkpoint_every=1000,
                                alpha_samples=0)
-    train, evaluation = load_datasets(config, data_dir / "train.h5", data_dir / "eval.h5")
+    train, _, evaluation = load_datasets(config, *find_splits(data_dir))
     config = config.replace(action_dim=train.action_dim)
     seed_everything(config.seed)
     model = build_model(config, train.action_dim, ctx.device)

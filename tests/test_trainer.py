@@ -119,11 +119,12 @@ def test_resume_with_another_config_is_refused(smoke_run, tiny_dmc_data):
 # In-process trainer tests
 def make_trainer(data_dir: Path, run_dir: Path, **overrides):
     from VRNN.dmc_vb_transition_dynamics_trainer import DMCVBTrainer
+    from VRNN.hdf5_io import find_splits
     from VRNN.run_setup import build_model, load_datasets
     from VRNN.vrnn_utilities import seed_everything
 
     config = AIMEConfig.preset("smoke", **{"eval_every": 1000, "checkpoint_every": 1000, **overrides})
-    train, evaluation = load_datasets(config, data_dir / "train.h5", data_dir / "eval.h5")
+    train, _, evaluation = load_datasets(config, *find_splits(data_dir))
     config = config.replace(action_dim=train.action_dim)
     seed_everything(config.seed)
     model = build_model(config, train.action_dim, torch.device("cpu"))
