@@ -1,23 +1,27 @@
 """Held-out evaluation of the world model: numbers (``evaluate``), figures (``make_evaluation_plots``) and
-the run's ``report.md`` (``write_report``). docs/EVALUATION.md explains every number and figure.
+the run's ``report.md`` (``write_report``). docs/EVALUATION.md explains every number and gives its formula;
+the scoring itself (baselines, moving-pixel PSNR, standard errors, the verdict) is in
+``VRNN/eval_scoring.py`` and works on any predictor's output.
 
 Protocol (SYSTEM.md section 4)
 ------------------------------
-Windows of L >= T0 + F consecutive rows of the held-out split, T0 = ``config.eval_context_frames``,
-F = ``config.eval_horizon`` (build the eval dataset with ``eval_sequence_length(config)``).
+Windows of L = ``eval_sequence_length(config)`` >= T0 + F consecutive rows, T0 = ``eval_context_frames``,
+F = ``eval_horizon``. From a ``DMCVBDataset`` the windows do not overlap: rows 0..L-1, L..2L-1, ... of
+every episode; at most ``eval_windows`` of them, evenly spaced over that list (so every episode
+contributes). Every figure is a mean over windows with its standard error.
 
-* ELBO terms, bits/dim, K_eff, Perceiver next-token accuracy and the reconstructions come from ONE call
-  of ``model.compute_total_loss`` (the same function as in training) on the first
-  ``min(L, config.sequence_length)`` frames, so the numbers are on the same footing as the training
-  curves. Loss scalars are batch means, averaged here weighted by the windows in each batch.
+* ELBO terms, bits/dim, K_eff and the reconstructions come from ONE call of ``model.compute_total_loss``
+  (the same function as in training, ``beta=1, adversarial_weight=1``) on the first
+  ``min(L, config.sequence_length)`` frames.
 * Open-loop prediction: ``model.generate_future_sequence(obs[:, :T0], actions[:, :T0],
-  actions[:, T0:T0+F], temperature=0)`` (the action of row t is the one taken after frame t, so
-  ``actions[:, T0-1]`` leads to the first imagined frame ``obs[:, T0]``); compared with
-  ``obs[:, T0:T0+F]`` step by step.
-* Baselines on the same windows and steps: copy-last-frame (every future frame = ``obs[:, T0-1]``) and
-  mean-frame (every future frame = the mean of the T0 observed frames of that window).
-* PSNR and SSIM per image with data range 2 (frames in [-1, 1]), averaged over windows; a per-image PSNR
-  is capped at ``PSNR_CAP_DB`` so that an exact copy (MSE 0) does not turn the mean into infinity.
+  actions[:, T0:T0+F], temperature=0)`` compared with ``obs[:, T0:T0+F]`` step by step, beside three
+  baselines on the same windows: copy-last-frame, the mean of the context frames and the mean training
+  frame (a constant image, ``compute_mean_frame`` on the training split).
+* Controls: the same rollout with another window's actions (action-shuffle ratio); the reconstruction
+  NLL with another window's z, and h (``model.reconstruction_nats``); the spread of posterior means
+  across windows; KL_z per frame; the Perceiver's next-token accuracy beside copying the current tokens.
+  "Another window" is the previous one in the batch (a cyclic shift); windows are put into batches in
+  an order shuffled once with ``config.seed``, so the pairs are unrelated windows.
 
 Safety: the model (or the EMA copy when ``ema`` is given) is run in eval mode under ``torch.no_grad``;
 the train/eval flag of every submodule is restored afterwards, so neither weights, BatchNorm statistics nor
@@ -37,19 +41,39 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from VRNN.advanced_metrics import lpips_available, lpips_per_image, psnr_per_image, ssim_per_image
+from VRNN.eval_scoring import (
+    BASELINE_NAMES,
+    BASELINES,
+    DATA_RANGE,
+    MOVING_THRESHOLD,
+    PSNR_CAP_DB,
+    SIGNIFICANCE,
+    mean_and_se,
+    score_open_loop,
+    spread_ratio,
+    summarize_open_loop,
+    verdict,
+)
 
 __all__ = [
     "DATA_RANGE",
+    "MEAN_FRAME_FILE",
+    "MEAN_FRAME_MAX_FRAMES",
+    "MOVING_THRESHOLD",
     "PSNR_CAP_DB",
     "USAGE_THRESHOLD",
+    "compute_mean_frame",
     "eval_sequence_length",
     "evaluate",
+    "evaluation_windows",
+    "load_or_compute_mean_frame",
     "make_evaluation_plots",
     "scalar_metrics",
     "write_report",
@@ -57,19 +81,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATA_RANGE = 2.0          # frames live in [-1, 1]
-PSNR_CAP_DB = 100.0       # per-image cap; MSE 0 would give +inf
 USAGE_THRESHOLD = 0.01    # a component counts as used when its mean prior weight exceeds this
+MEAN_FRAME_FILE = "mean_frame.npy"
+MEAN_FRAME_MAX_FRAMES = 2048   # frames averaged for the mean training frame (evenly spread over the split)
 
 # Loss keys promoted to the top level of the evaluation dict (MODEL.md section 3); all scalar losses are
 # also kept under "losses".
 ELBO_KEYS = ("recon_loss", "kl_z", "kl_sticks", "kl_alpha", "hierarchical_kl", "cluster_entropy",
              "bits_per_dim", "K_eff", "total_vae_loss", "perceiver_loss", "attention_loss",
              "adversarial_loss", "attention_kl", "active_components")
-# Where the Perceiver's next-token accuracy may sit in the losses dict (first present wins).
-ACCURACY_KEYS = ("perceiver_accuracy", "perceiver_next_token_accuracy", "next_token_accuracy", "accuracy")
-HORIZON_KEYS = ("pred_psnr", "pred_ssim", "copy_last_psnr", "copy_last_ssim", "mean_frame_psnr",
-                "mean_frame_ssim")
+# Per-step terms of forward_sequence, nats per frame [B, T], that make up the negative ELBO.
+ELBO_STEP_KEYS = ("recon_nats", "kl_z", "kl_sticks", "kl_alpha")
 
 
 def eval_sequence_length(config) -> int:
@@ -120,28 +142,6 @@ def _to_unit_range(obs: torch.Tensor) -> torch.Tensor:
     return obs.float()
 
 
-def _batches(data, max_windows: int, batch_size: int, generator: torch.Generator | None) -> tuple[Iterable, int]:
-    """Batches of at most ``max_windows`` windows from a map-style dataset or an iterable of batch dicts.
-
-    From a dataset: ``max_windows`` windows evenly spaced over the dataset (the same ones at every
-    evaluation), or a random subset drawn with ``generator`` when one is given.
-    """
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        n = len(data)
-        if n == 0:
-            raise ValueError("the evaluation dataset is empty")
-        k = min(max_windows, n)
-        if generator is not None:
-            idx = torch.randperm(n, generator=generator)[:k].sort().values.tolist()
-        else:
-            idx = torch.linspace(0, n - 1, k).round().long().unique().tolist()
-        loader = DataLoader(Subset(data, idx), batch_size=batch_size, shuffle=False, num_workers=0)
-        return loader, len(idx)
-    if isinstance(data, Iterable):
-        return data, max_windows
-    raise ValueError(f"expected a Dataset or an iterable of batch dicts, got {type(data).__name__}")
-
-
 def _progress_enabled(progress: bool | None) -> bool:
     if progress is not None:
         return progress
@@ -163,21 +163,163 @@ def _json_float(x: float) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Windows and the mean training frame
+def _episode_windows(data) -> list[tuple[int, int, int]] | None:
+    """(dataset index, episode, start) of the non-overlapping windows of a dataset that exposes
+    ``window_index`` [(episode, start)] and ``sequence_length`` (a ``DMCVBDataset``); None otherwise."""
+    index = getattr(data, "window_index", None)
+    length = getattr(data, "sequence_length", None)
+    if not isinstance(index, (list, tuple)) or not isinstance(length, int) or len(index) != len(data):
+        return None
+    out, next_free = [], {}
+    for i, (episode, start) in enumerate(index):
+        if start >= next_free.get(episode, 0):
+            out.append((i, int(episode), int(start)))
+            next_free[episode] = start + length
+    return out
+
+
+def evaluation_windows(data, max_windows: int, generator: torch.Generator | None = None) -> tuple[list[int], dict]:
+    """Dataset indices of the evaluation windows and a description {non_overlapping, num_episodes,
+    available}.
+
+    For a ``DMCVBDataset``: the non-overlapping windows of every episode (starts 0, L, 2L, ...), at most
+    ``max_windows`` of them evenly spaced over that list (a random subset drawn with ``generator`` when
+    one is given). For other datasets: ``max_windows`` indices evenly spaced over the dataset (overlap
+    unknown).
+    """
+    n = len(data)
+    if n == 0:
+        raise ValueError("the evaluation dataset is empty")
+    windows = _episode_windows(data)
+    if windows is None:
+        candidates, episodes = list(range(n)), None
+    else:
+        candidates, episodes = [w[0] for w in windows], {w[0]: w[1] for w in windows}
+    k = min(max_windows, len(candidates))
+    if generator is not None:
+        pick = torch.randperm(len(candidates), generator=generator)[:k].sort().values.tolist()
+    else:
+        pick = torch.linspace(0, len(candidates) - 1, k).round().long().unique().tolist()
+    chosen = [candidates[j] for j in pick]
+    info = {"non_overlapping": windows is not None, "available_windows": len(candidates),
+            "num_episodes": len({episodes[i] for i in chosen}) if episodes is not None else None}
+    return chosen, info
+
+
+def _batches(data, max_windows: int, batch_size: int, generator: torch.Generator | None,
+             seed: int) -> tuple[Iterable, int, dict]:
+    """(batches, expected windows, window description) from a map-style dataset or an iterable of batch dicts.
+
+    Dataset windows are put into batches in an order shuffled with ``seed`` (the controls pair each window
+    with its neighbour in the batch), in floor(N / batch_size) batches of near-equal size (so none holds a
+    single window when there are two or more; a batch may hold up to 2 * batch_size - 1 windows).
+    """
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        idx, info = evaluation_windows(data, max_windows, generator)
+        order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed)).tolist()
+        idx = [idx[o] for o in order]
+        batch_size = max(2, int(batch_size))
+        groups = [g.tolist() for g in torch.tensor_split(torch.tensor(idx), max(1, len(idx) // batch_size))]
+        subset = Subset(data, [i for g in groups for i in g])
+        # A private generator: iterating a DataLoader otherwise draws its base seed from the global RNG.
+        loader = DataLoader(subset, batch_sampler=_FixedBatches([len(g) for g in groups]), num_workers=0,
+                            generator=torch.Generator())
+        return loader, len(idx), info
+    if isinstance(data, Iterable):
+        return data, max_windows, {"non_overlapping": None, "num_episodes": None, "available_windows": None}
+    raise ValueError(f"expected a Dataset or an iterable of batch dicts, got {type(data).__name__}")
+
+
+class _FixedBatches:
+    """Batch sampler over 0..sum(sizes)-1 in order, in batches of the given sizes."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+
+    def __iter__(self):
+        start = 0
+        for size in self.sizes:
+            yield list(range(start, start + size))
+            start += size
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+def compute_mean_frame(dataset, max_frames: int = MEAN_FRAME_MAX_FRAMES) -> torch.Tensor:
+    """The mean training frame [3,H,W] (float32 in [-1,1]): the pixel-wise mean of at most ``max_frames``
+    frames of ``dataset`` (a dataset of window dicts with ``observations`` [T,3,H,W], uint8 or float).
+
+    The frames are the whole windows of ceil(max_frames / T) windows, taken without overlap when the
+    dataset tells its episodes (``DMCVBDataset``) and evenly spaced over the split. A ``DMCVBDataset``
+    with augmentation is read again without it (the shifts would blur the image).
+    """
+    if not isinstance(max_frames, int) or max_frames < 1:
+        raise ValueError(f"max_frames must be a positive integer, got {max_frames!r}")
+    if getattr(dataset, "augment", False) and hasattr(dataset, "path"):
+        from VRNN.dmc_dataset import DMCVBDataset
+
+        if isinstance(dataset, DMCVBDataset):
+            dataset = DMCVBDataset(dataset.path, dataset.sequence_length, scale="float", augment=False)
+    if len(dataset) == 0:
+        raise ValueError("cannot compute a mean frame from an empty dataset")
+    length = int(dataset[0]["observations"].shape[0])
+    idx, _ = evaluation_windows(dataset, max(1, math.ceil(max_frames / length)))
+    total, count = None, 0
+    for i in idx:
+        frames = _to_unit_range(dataset[i]["observations"]).double()
+        frames = frames[: max_frames - count]
+        total = frames.sum(0) if total is None else total + frames.sum(0)
+        count += frames.shape[0]
+        if count >= max_frames:
+            break
+    logger.info("mean training frame from %d frames of %d windows", count, len(idx))
+    return (total / count).float()
+
+
+def load_or_compute_mean_frame(path: str | Path, dataset=None, max_frames: int = MEAN_FRAME_MAX_FRAMES,
+                               write: bool = True) -> torch.Tensor:
+    """The mean training frame stored at ``path`` (a .npy of float32 [3,H,W]); computed from ``dataset``
+    with ``compute_mean_frame`` and written there (atomically, when ``write``) if the file is missing."""
+    path = Path(path)
+    if path.is_file():
+        frame = torch.from_numpy(np.load(path)).float()
+        if frame.dim() != 3 or frame.shape[0] != 3:
+            raise ValueError(f"{path} holds an array of shape {tuple(frame.shape)}, expected a [3,H,W] frame")
+        return frame
+    if dataset is None:
+        raise FileNotFoundError(f"no mean training frame at {path} and no training dataset to compute it from")
+    frame = compute_mean_frame(dataset, max_frames)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, frame.numpy())
+        os.replace(tmp, path)
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------
 # Evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset_or_loader, config=None, device: torch.device | str | None = None,
              max_windows: int | None = None, generator: torch.Generator | None = None,
-             ema: nn.Module | None = None, progress: bool | None = None) -> dict[str, Any]:
+             ema: nn.Module | None = None, progress: bool | None = None,
+             mean_frame: torch.Tensor | None = None, split: str | None = None) -> dict[str, Any]:
     """Evaluate on held-out windows; returns a JSON-serialisable dict (keys in docs/EVALUATION.md).
 
     model: the world model (``ema``, a ``ModelEMA`` or its ``.module``, is evaluated instead when given).
     dataset_or_loader: a dataset of window dicts (``observations [L,3,64,64]``, ``actions [L,A]``) or an
     iterable of batches of them ([B,L,...]); L >= T0 + F. config: an ``AIMEConfig`` (default: the model's).
     device: where to run (default: the model's device). max_windows: default ``config.eval_windows``.
-    generator: picks the windows (see ``_batches``) and seeds the model's sampling.
+    generator: picks a random subset of the windows and seeds the model's sampling.
+    mean_frame: the mean training frame [3,H,W] in [-1,1] (``load_or_compute_mean_frame``); without it
+    the mean of the evaluation windows' own frames stands in (logged; ``mean_frame_source`` says so).
+    split: recorded as ``split`` (e.g. "validation", "test").
 
-    Per-horizon lists (``pred_psnr``, ``pred_ssim``, ``copy_last_*``, ``mean_frame_*``) have length F,
-    entry j being j+1 steps after the last observed frame; PSNR in dB, SSIM in [-1, 1].
+    Per-horizon lists have length F, entry j being j+1 steps after the last observed frame; PSNR in dB,
+    SSIM in [-1, 1], every figure with a ``*_se`` standard error over windows.
     """
     net = _unwrap(ema if ema is not None else model)
     config = config if config is not None else net.config
@@ -190,18 +332,33 @@ def evaluate(model: nn.Module, dataset_or_loader, config=None, device: torch.dev
         raise ValueError(f"eval_context_frames and eval_horizon must be >= 1, got {t0} and {horizon}")
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if generator is not None \
         else int(config.seed)
-    batches, expected = _batches(dataset_or_loader, max_windows, int(config.batch_size), generator)
+    batches, expected, window_info = _batches(dataset_or_loader, max_windows, int(config.batch_size), generator,
+                                              int(config.seed))
+    if mean_frame is None:
+        batches = list(batches) if not isinstance(batches, DataLoader) else batches
+        mean_frame, n_frames = _mean_of_batches(batches, max_windows)
+        source = f"evaluation windows ({n_frames} frames; no training mean was given)"
+        logger.warning("evaluate: no mean training frame given; the mean of the %d evaluated frames stands in",
+                       n_frames)
+    else:
+        source = "training split"
+    mean_frame = mean_frame.float().cpu()
 
     n_seen = 0
     loss_sums: dict[str, float] = {}
-    sums = {key: torch.zeros(horizon, dtype=torch.float64) for key in HORIZON_KEYS}
+    scores: dict[str, list[torch.Tensor]] = {}
+    windows: dict[str, list[torch.Tensor]] = {}
+    z_means: list[torch.Tensor] = []
+    z_vars: list[torch.Tensor] = []
     lpips_sum = torch.zeros(horizon, dtype=torch.float64) if lpips_available() else None
-    recon_psnr = recon_ssim = 0.0
-    recon_frames = 0
     usage_sum: torch.Tensor | None = None
     usage_count = 0
+    pixel_dims = None
     # The weights come from the model's config; no warm-up factors at evaluation.
     loss_kwargs = {"beta": 1.0, "adversarial_weight": 1.0}
+
+    def keep(name: str, value: torch.Tensor) -> None:
+        windows.setdefault(name, []).append(value.detach().double().cpu())
 
     bar = tqdm(total=expected, desc="eval", unit="win", disable=not _progress_enabled(progress), leave=False)
     with _eval_mode(net), _forked_rng(device, seed):
@@ -217,34 +374,57 @@ def evaluate(model: nn.Module, dataset_or_loader, config=None, device: torch.dev
                 raise ValueError(f"evaluation windows have {length} frames but eval_context_frames + "
                                  f"eval_horizon = {t0} + {horizon} are needed; build the eval dataset with "
                                  f"sequence_length=eval_sequence_length(config) = {eval_sequence_length(config)}")
+            pixel_dims = int(obs[0, 0].numel())
+            other = torch.roll(torch.arange(b, device=device), 1)     # window i is paired with window i-1
 
             # ELBO terms and reconstructions, on the training window length.
             t_loss = min(length, int(config.sequence_length))
-            losses, outputs = net.compute_total_loss(obs[:, :t_loss], actions[:, :t_loss], **loss_kwargs)
+            obs_l, act_l = obs[:, :t_loss], actions[:, :t_loss]
+            losses, outputs = net.compute_total_loss(obs_l, act_l, **loss_kwargs)
             for key, value in losses.items():
                 v = _scalar(value)
                 if v is not None:
                     loss_sums[key] = loss_sums.get(key, 0.0) + v * b
             recon = outputs["reconstructions"].float().clamp(-1, 1)
-            truth = obs[:, :t_loss]
-            recon_psnr += psnr_per_image(recon, truth, DATA_RANGE).clamp(max=PSNR_CAP_DB).sum().item()
-            recon_ssim += ssim_per_image(recon, truth, DATA_RANGE).sum().item()
-            recon_frames += b * t_loss
+            keep("recon_psnr", psnr_per_image(recon, obs_l, DATA_RANGE).clamp(max=PSNR_CAP_DB).mean(1))
+            keep("recon_ssim", ssim_per_image(recon, obs_l, DATA_RANGE).mean(1))
+            steps = {k: outputs[k] for k in ELBO_STEP_KEYS
+                     if isinstance(outputs.get(k), torch.Tensor) and tuple(outputs[k].shape) == (b, t_loss)}
+            if len(steps) == len(ELBO_STEP_KEYS):
+                nats = sum(steps[k].double() for k in ELBO_STEP_KEYS).mean(1)
+                keep("neg_elbo_nats_per_frame", nats)
+                keep("kl_z_nats_per_frame", steps["kl_z"].double().mean(1))
+                keep("recon_nats_per_frame", steps["recon_nats"].double().mean(1))
+            z_means.append(outputs["z_means"].detach().double().cpu())
+            z_vars.append(outputs["z_logvars"].detach().double().exp().cpu())
             pi = outputs["pi"].float()                                          # [B,T,K]
             usage_sum = pi.sum((0, 1)).cpu().double() + (0 if usage_sum is None else usage_sum)
             usage_count += pi.shape[0] * pi.shape[1]
+            _perceiver_accuracies(net, obs_l, keep)
 
-            # Open-loop prediction and the baselines on the same windows.
+            # Context dependence: decode window i's frames from window i-1's z (and, separately, h).
+            if b >= 2 and hasattr(net, "reconstruction_nats"):
+                z, h, att = outputs["latents"], outputs["hidden_states"], outputs["attention_prior_maps"]
+                own = net.reconstruction_nats(obs_l, z, h, att).double()
+                keep("z_swap_gap", (net.reconstruction_nats(obs_l, z[other], h, att).double() - own).mean(1))
+                keep("h_swap_gap", (net.reconstruction_nats(obs_l, z, h[other], att).double() - own).mean(1))
+
+            # Open-loop prediction, and the same rollout driven by window i-1's actions.
             future = net.generate_future_sequence(obs[:, :t0], actions[:, :t0], actions[:, t0:t0 + horizon],
                                                   temperature=0.0)
             pred = future["frames"].float().clamp(-1, 1)
+            shuffled = None
+            if b >= 2:
+                ctx_actions = actions[:, :t0].clone()
+                ctx_actions[:, -1] = actions[other, t0 - 1]   # the action after frame T0 leads to step +1
+                shuffled = net.generate_future_sequence(obs[:, :t0], ctx_actions, actions[other, t0:t0 + horizon],
+                                                        temperature=0.0)["frames"].float()
             target = obs[:, t0:t0 + horizon]
-            copy_last = obs[:, t0 - 1:t0].expand_as(target)
-            mean_frame = obs[:, :t0].mean(1, keepdim=True).expand_as(target)
-            for name, guess in (("pred", pred), ("copy_last", copy_last), ("mean_frame", mean_frame)):
-                sums[f"{name}_psnr"] += psnr_per_image(guess, target, DATA_RANGE).clamp(max=PSNR_CAP_DB) \
-                    .sum(0).cpu().double()
-                sums[f"{name}_ssim"] += ssim_per_image(guess, target, DATA_RANGE).sum(0).cpu().double()
+            batch_scores = score_open_loop(target, obs[:, :t0], pred, mean_frame.to(device), shuffled)
+            if shuffled is None:       # a batch of one window has no other window's actions
+                batch_scores["shuffled_mse"] = torch.full((b, horizon), math.nan, dtype=torch.float64)
+            for key, value in batch_scores.items():
+                scores.setdefault(key, []).append(value)
             if lpips_sum is not None:
                 lpips_sum += lpips_per_image(pred, target).sum(0).cpu().double()
             n_seen += b
@@ -253,36 +433,101 @@ def evaluate(model: nn.Module, dataset_or_loader, config=None, device: torch.dev
     if n_seen == 0:
         raise ValueError("no evaluation window was read from dataset_or_loader")
 
+    summary = summarize_open_loop({k: torch.cat(v) for k, v in scores.items()})
+    win = {k: torch.cat(v) for k, v in windows.items()}
     losses_mean = {k: v / n_seen for k, v in loss_sums.items()}
     usage = (usage_sum / usage_count).tolist()
+
     result: dict[str, Any] = {
+        "split": split,
         "num_windows": n_seen,
+        "num_episodes": window_info.get("num_episodes"),
+        "non_overlapping": window_info.get("non_overlapping"),
+        "available_windows": window_info.get("available_windows"),
         "context_frames": t0,
         "horizon": horizon,
         "used_ema": ema is not None,
-        "recon_psnr": recon_psnr / recon_frames,
-        "recon_ssim": recon_ssim / recon_frames,
+        "mean_frame_source": source,
+        "moving_threshold": MOVING_THRESHOLD,
+        "significance_se": SIGNIFICANCE,
     }
-    for key in HORIZON_KEYS:
-        per_step = (sums[key] / n_seen).tolist()
-        result[key] = per_step
-        result[f"{key}_mean"] = sum(per_step) / horizon
+    for key in ("recon_psnr", "recon_ssim"):
+        result[key], result[f"{key}_se"] = _mean_se(win[key])
+    result.update(summary)
     if lpips_sum is not None:
         result["pred_lpips"] = (lpips_sum / n_seen).tolist()
     for key in ELBO_KEYS:
         if key in losses_mean:
             result[key] = losses_mean[key]
-    if all(k in losses_mean for k in ("recon_loss", "kl_z", "kl_sticks", "kl_alpha")):
+    if "neg_elbo_nats_per_frame" in win:
+        nats, nats_se = _mean_se(win["neg_elbo_nats_per_frame"])
+        result["neg_elbo_nats_per_dim"], result["neg_elbo_nats_per_dim_se"] = nats / pixel_dims, nats_se / pixel_dims
+        result["bits_per_dim"] = nats / pixel_dims / math.log(2.0)
+        result["bits_per_dim_se"] = nats_se / pixel_dims / math.log(2.0)
+        result["kl_z_nats_per_frame"], result["kl_z_nats_per_frame_se"] = _mean_se(win["kl_z_nats_per_frame"])
+        result["kl_z_se"] = result["kl_z_nats_per_frame_se"] / pixel_dims
+        result["kl_z_nats_per_latent_dim"] = result["kl_z_nats_per_frame"] / int(z_means[0].shape[-1])
+        result["recon_nats_per_frame"], result["recon_nats_per_frame_se"] = _mean_se(win["recon_nats_per_frame"])
+    elif all(k in losses_mean for k in ("recon_loss", "kl_z", "kl_sticks", "kl_alpha")):
         result["neg_elbo_nats_per_dim"] = sum(losses_mean[k] for k in ("recon_loss", "kl_z", "kl_sticks",
                                                                        "kl_alpha"))
-    accuracy_key = next((k for k in ACCURACY_KEYS if k in losses_mean), None)
-    result["perceiver_accuracy"] = losses_mean[accuracy_key] if accuracy_key else None
-    if accuracy_key is None:
-        logger.warning("the model's losses hold no Perceiver accuracy (looked for %s)", ", ".join(ACCURACY_KEYS))
+        result["kl_z_nats_per_frame"] = losses_mean["kl_z"] * pixel_dims
+    for name in ("z", "h"):
+        if f"{name}_swap_gap" in win:
+            gap, se = _mean_se(win[f"{name}_swap_gap"])
+            result[f"{name}_swap_gap_nats_per_frame"], result[f"{name}_swap_gap_nats_per_frame_se"] = gap, se
+    spread = spread_ratio(torch.cat(z_means), torch.cat(z_vars))
+    result.update({"z_mean_spread": spread["spread"], "z_posterior_std": spread["posterior_std"],
+                   "z_spread_ratio": spread["ratio"], "z_spread_ratio_se": spread["ratio_se"]})
+    if "perceiver_accuracy" in win:
+        for key in ("perceiver_accuracy", "perceiver_copy_accuracy"):
+            result[key], result[f"{key}_se"] = _mean_se(win[key])
+        gain = win["perceiver_accuracy"] - win["perceiver_copy_accuracy"]
+        result["perceiver_accuracy_gain"], result["perceiver_accuracy_gain_se"] = _mean_se(gain)
+    else:
+        result["perceiver_accuracy"] = losses_mean.get("perceiver_accuracy")
+        logger.warning("the model has no Perceiver with next_token_logits: no copy-token accuracy")
     result["component_usage"] = usage
     result["components_used"] = int(sum(u > USAGE_THRESHOLD for u in usage))
     result["losses"] = losses_mean
-    return _clean(result)
+    result = _clean(result)
+    result["verdict"] = verdict(result, controls=result)
+    return result
+
+
+def _mean_se(x: torch.Tensor) -> tuple[float, float]:
+    mean, se, _ = mean_and_se(x)
+    return float(mean), float(se)
+
+
+def _perceiver_accuracies(net: nn.Module, obs: torch.Tensor, keep) -> None:
+    """Per window: the Perceiver's next-token accuracy and the accuracy of copying frame t's tokens as the
+    guess for frame t+1, over the same T-1 transitions of ``obs`` [B,T,3,H,W]."""
+    perceiver = getattr(net, "perceiver", None)
+    if perceiver is None or not hasattr(perceiver, "next_token_logits") or obs.shape[1] < 2:
+        return
+    logits, indices = perceiver.next_token_logits(obs)                 # [B,T,hw,K], [B,T,h,w]
+    b, t = indices.shape[:2]
+    codes = indices.reshape(b, t, -1)
+    target = codes[:, 1:]
+    keep("perceiver_accuracy", (logits[:, :-1].argmax(-1) == target).double().mean((1, 2)))
+    keep("perceiver_copy_accuracy", (codes[:, :-1] == target).double().mean((1, 2)))
+
+
+def _mean_of_batches(batches: Iterable, max_windows: int) -> tuple[torch.Tensor, int]:
+    """Pixel-wise mean of every frame of the first ``max_windows`` windows of ``batches``."""
+    total, count, seen = None, 0, 0
+    for batch in batches:
+        obs = _to_unit_range(batch["observations"])[: max_windows - seen].double().cpu()
+        frames = obs.flatten(0, 1)
+        total = frames.sum(0) if total is None else total + frames.sum(0)
+        count += frames.shape[0]
+        seen += obs.shape[0]
+        if seen >= max_windows:
+            break
+    if total is None:
+        raise ValueError("no evaluation window was read from dataset_or_loader")
+    return (total / count).float(), count
 
 
 def _clean(value):
@@ -398,6 +643,14 @@ def _fmt(value, spec: str = ".4g") -> str:
     return format(value, spec)
 
 
+def _pm(e: Mapping[str, Any], key: str, spec: str = ".3g") -> str:
+    """``value ± se`` of ``key`` (and ``key_se``) in the evaluation dict."""
+    value, se = e.get(key), e.get(f"{key}_se")
+    if value is None:
+        return "n/a"
+    return _fmt(value, spec) + (f" ± {_fmt(se, spec)}" if se is not None else "")
+
+
 def _image(run_dir: Path, plot_paths: Mapping[str, Path], name: str, caption: str) -> list[str]:
     if name not in plot_paths:
         return []
@@ -405,17 +658,54 @@ def _image(run_dir: Path, plot_paths: Mapping[str, Path], name: str, caption: st
     return [f"![{caption}]({rel})", ""]
 
 
+REPORT_PREDICTORS = (("pred", "model"), ("copy_last", "copy-last"), ("context_mean", "context mean"),
+                     ("train_mean", "mean train frame"))
+
+
+def _horizon_table(e: Mapping[str, Any], metric: str, spec: str) -> list[str]:
+    """Markdown rows: one per step and the horizon mean, one column per predictor (value ± SE), best bold."""
+    present = [(p, label) for p, label in REPORT_PREDICTORS if e.get(f"{p}_{metric}")]
+    if not present:
+        return []
+    lines = ["| step | " + " | ".join(label for _, label in present) + " |",
+             "|---:|" + "---:|" * len(present)]
+
+    def row(name: str, values: list, errors: list) -> str:
+        finite = [v for v in values if v is not None]
+        best = max(finite) if finite else None
+        cells = []
+        for v, s in zip(values, errors):
+            text = _fmt(v, spec) + (f" ± {_fmt(s, spec)}" if s is not None else "")
+            cells.append(f"**{text}**" if v is not None and v == best else text)
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    for j in range(int(e.get("horizon", 0))):
+        lines.append(row(f"+{j + 1}", [e[f"{p}_{metric}"][j] for p, _ in present],
+                         [(e.get(f"{p}_{metric}_se") or [None] * (j + 1))[j] for p, _ in present]))
+    lines.append(row("mean", [e.get(f"{p}_{metric}_mean") for p, _ in present],
+                     [e.get(f"{p}_{metric}_mean_se") for p, _ in present]))
+    return lines + [""]
+
+
 def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: Mapping[str, Path],
                  config) -> Path:
-    """Write ``run_dir/report.md``: the evaluation numbers as tables beside the figures (relative links)."""
+    """Write ``run_dir/report.md``: the verdict line, then the evaluation numbers as tables (mean ± standard
+    error over windows) beside the figures (relative links)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     e = eval_dict
     lines = ["# AIME evaluation report", ""]
+    v = e.get("verdict")
+    if isinstance(v, Mapping) and v.get("text"):
+        lines += [f"**Verdict:** {v['text']}.", ""]
     step = e.get("step")
+    split = e.get("split") or "held-out"
+    episodes = e.get("num_episodes")
     lines += [f"Environment `{config.env}`" + (f", after {step} optimiser steps" if step is not None else "")
-              + f"; {e.get('num_windows')} held-out windows"
-              + (" (EMA weights)" if e.get("used_ema") else "") + ".",
+              + f"; {e.get('num_windows')} {'non-overlapping ' if e.get('non_overlapping') else ''}windows of the "
+              + f"{split} split" + (f" from {episodes} episodes" if episodes else "")
+              + (" (EMA weights)" if e.get("used_ema") else "") + ". Every figure is the mean over windows ± its "
+              "standard error.",
               "",
               (f"Model: latent D={config.latent_dim}, K={config.max_components} components, hidden "
               f"H={config.hidden_dim}, context C={config.context_dim}, likelihood `{config.likelihood}`, "
@@ -424,39 +714,82 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
               "(temperature 0). Full config: `config.json`."), ""]
 
     lines += ["## Open-loop prediction", "",
-              ("PSNR in dB and SSIM (data range 2, frames in [-1, 1]) at each step after the last observed "
-              "frame, against two baselines on the same windows. Bold: best of the three."), "",
-              ("| step | model PSNR | copy-last PSNR | mean-frame PSNR | model SSIM | copy-last SSIM "
-              "| mean-frame SSIM |"), "|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def cells(j, metric, spec):
-        values = [e[f"{name}_{metric}"][j] if j is not None else e[f"{name}_{metric}_mean"]
-                  for name in ("pred", "copy_last", "mean_frame")]
-        shown = [_fmt(v, spec) for v in values]
-        finite = [float(t) for t in shown if t != "n/a"]
-        best = max(finite) if finite else None
-        return [f"**{t}**" if t != "n/a" and float(t) == best else t for t in shown]
-
-    for j in range(int(e.get("horizon", 0))):
-        lines.append(f"| +{j + 1} | " + " | ".join(cells(j, "psnr", ".2f") + cells(j, "ssim", ".3f")) + " |")
-    lines.append("| mean | " + " | ".join(cells(None, "psnr", ".2f") + cells(None, "ssim", ".3f")) + " |")
-    lines.append("")
+              ("Model against three baselines on the same windows: copy-last-frame, the mean of the observed "
+              "(context) frames, and the mean training frame (one constant image, "
+              f"{e.get('mean_frame_source', 'training split')}). PSNR in dB (data range 2, frames in [-1, 1]) "
+              "at each step after the last observed frame. Bold: best."), "",
+              "Full-frame PSNR:", ""]
+    lines += _horizon_table(e, "psnr", ".2f")
+    lines += [(f"Moving-pixel PSNR (only pixels where the true frame differs from the mean training frame by "
+              f"more than {_fmt(e.get('moving_threshold'), '.3g')} in some channel; "
+              f"{_fmt(100 * sum(e['moving_fraction']) / len(e['moving_fraction']), '.1f') if e.get('moving_fraction') else 'n/a'}"
+              "% of the pixels on average):"), ""]
+    lines += _horizon_table(e, "moving_psnr", ".2f")
+    lines += ["SSIM:", ""]
+    lines += _horizon_table(e, "ssim", ".3f")
+    gaps = e.get("gaps") or {}
+    if gaps:
+        lines += [(f"Model − baseline, paired over windows, mean over the horizon; a step counts as won when the "
+                  f"full-frame and the moving-pixel gap both exceed {_fmt(e.get('significance_se'), 'g')} standard "
+                  "errors:"), "",
+                  "| baseline | full-frame Δ PSNR (dB) | moving-pixel Δ PSNR (dB) | steps won | beats from |",
+                  "|---|---:|---:|---:|---:|"]
+        for base in BASELINES:
+            g = gaps.get(base)
+            if not g:
+                continue
+            wins = g.get("wins") or []
+            lines.append(f"| {BASELINE_NAMES[base]} | {_pm(g, 'psnr_mean', '.2f')} | {_pm(g, 'moving_psnr_mean', '.2f')} "
+                         f"| {sum(bool(w) for w in wins)} of {len(wins)} | "
+                         + (f"+{g['beats_from']}" if g.get("beats_from") else "never") + " |")
+        lines.append("")
     if e.get("pred_lpips"):
-        lines += ["LPIPS per step: " + ", ".join(_fmt(v, ".3f") for v in e["pred_lpips"]), ""]
+        lines += ["LPIPS per step: " + ", ".join(_fmt(x, ".3f") for x in e["pred_lpips"]), ""]
     lines += _image(run_dir, plot_paths, "psnr_vs_horizon", "PSNR and SSIM against horizon")
     lines += _image(run_dir, plot_paths, "open_loop", "Open-loop grid: truth, model, error")
     lines += _image(run_dir, plot_paths, "rollout_gif", "Open-loop rollout, truth | model")
 
+    lines += ["## Controls: does the model use its inputs?", "",
+              "| control | value | reads |", "|---|---:|---|"]
+    if e.get("action_shuffle_ratio_mean") is not None:
+        lines.append(f"| action-shuffle ratio (MSE with another window's actions / with the recorded ones, over "
+                     f"the horizon) | {_pm(e, 'action_shuffle_ratio_mean', '.4f')} | > 1: the actions matter; 1: ignored |")
+    for name, what in (("z", "z_t"), ("h", "h_t")):
+        if e.get(f"{name}_swap_gap_nats_per_frame") is not None:
+            lines.append(f"| reconstruction NLL gap when {what} comes from another window (nats/frame) | "
+                         f"{_pm(e, f'{name}_swap_gap_nats_per_frame')} | 0: the decoder ignores {what} |")
+    if e.get("recon_nats_per_frame") is not None:
+        lines.append(f"| reconstruction NLL, own states (nats/frame) | {_pm(e, 'recon_nats_per_frame', '.5g')} | scale "
+                     "of the gaps above |")
+    if e.get("z_spread_ratio") is not None:
+        lines.append(f"| spread of posterior means across windows / posterior std | {_pm(e, 'z_spread_ratio')} "
+                     f"(spread {_fmt(e.get('z_mean_spread'), '.3g')}, std {_fmt(e.get('z_posterior_std'), '.3g')}) "
+                     "| ≪ 1: z says nothing about the window |")
+    if e.get("kl_z_nats_per_frame") is not None:
+        lines.append(f"| KL_z (nats/frame) | {_pm(e, 'kl_z_nats_per_frame')} "
+                     f"({_fmt(e.get('kl_z_nats_per_latent_dim'), '.3g')} per latent dim, {_fmt(e.get('kl_z'), '.3g')} "
+                     "per pixel dim) | information each frame adds beyond the prior |")
+    if e.get("perceiver_accuracy") is not None:
+        lines.append(f"| Perceiver next-token accuracy | {_pm(e, 'perceiver_accuracy')} | compare with the next row |")
+    if e.get("perceiver_copy_accuracy") is not None:
+        lines.append(f"| copy-current-token accuracy (same windows) | {_pm(e, 'perceiver_copy_accuracy')} | gain "
+                     f"{_pm(e, 'perceiver_accuracy_gain')} |")
+    if e.get("action_shuffle_ratio"):
+        lines += ["", "Action-shuffle ratio per step: " + ", ".join(
+            f"+{j + 1}: {_fmt(r, '.3f')} ± {_fmt(s, '.3f')}"
+            for j, (r, s) in enumerate(zip(e["action_shuffle_ratio"], e.get("action_shuffle_ratio_se") or [])))]
+    lines.append("")
+
     lines += ["## Reconstruction and the ELBO", "",
-              (f"Posterior reconstruction: PSNR {_fmt(e.get('recon_psnr'), '.2f')} dB, SSIM "
-              f"{_fmt(e.get('recon_ssim'), '.3f')}."), "",
+              (f"Posterior reconstruction: PSNR {_pm(e, 'recon_psnr', '.2f')} dB, SSIM "
+              f"{_pm(e, 'recon_ssim', '.3f')}."), "",
               "| term | value (nats per dimension) |", "|---|---:|"]
     for key, label in (("recon_loss", "reconstruction −log p(x \\| z)"), ("kl_z", "KL_z"),
                        ("kl_sticks", "KL sticks (Kumaraswamy ‖ Beta)"), ("kl_alpha", "KL α (Gamma)"),
                        ("neg_elbo_nats_per_dim", "negative ELBO"), ("bits_per_dim", "bits/dim (−ELBO / ln 2)"),
                        ("attention_kl", "attention KL"), ("cluster_entropy", "entropy H(π)")):
         if key in e:
-            lines.append(f"| {label} | {_fmt(e[key])} |")
+            lines.append(f"| {label} | {_pm(e, key, '.4g')} |")
     lines.append("")
     lines += _image(run_dir, plot_paths, "reconstruction", "Reconstructions")
 
@@ -470,8 +803,6 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
                   "| mean π | " + " | ".join(_fmt(u, ".3f") for u in usage) + " |", ""]
     lines += _image(run_dir, plot_paths, "mixture_weights", "Mixture weights and component usage")
 
-    lines += ["## Perceiver context", "",
-              f"Next-token accuracy of the causal Perceiver: {_fmt(e.get('perceiver_accuracy'), '.3f')}.", ""]
     if "attention" in plot_paths or "attention_imagined" in plot_paths:
         lines += ["## Attention", ""]
         lines += _image(run_dir, plot_paths, "attention", "Attention and slot maps")
@@ -487,7 +818,7 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
         lines += ["## Other figures", ""]
         for name in extra:
             lines += _image(run_dir, plot_paths, name, name)
-    lines += ["The meaning of every number and figure: docs/EVALUATION.md.", ""]
+    lines += ["The meaning and formula of every number and figure: docs/EVALUATION.md.", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

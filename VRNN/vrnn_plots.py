@@ -198,27 +198,44 @@ def plot_open_loop_grid(truth, prediction, path: str | Path, context=None, max_f
 # --------------------------------------------------------------------------------------------------
 # Numbers against the horizon
 def plot_psnr_vs_horizon(eval_dict: Mapping[str, object], path: str | Path) -> Path | None:
-    """PSNR (and SSIM when present) per imagined step: model vs copy-last-frame and mean-frame baselines."""
-    curves = {"psnr": [("model", "pred_psnr"), ("copy last frame", "copy_last_psnr"),
-                       ("mean frame", "mean_frame_psnr")],
-              "ssim": [("model", "pred_ssim"), ("copy last frame", "copy_last_ssim"),
-                       ("mean frame", "mean_frame_ssim")]}
-    panels = [(m, [(lab, eval_dict[k]) for lab, k in pairs if eval_dict.get(k)]) for m, pairs in curves.items()]
-    panels = [p for p in panels if p[1]]
+    """Open-loop quality per imagined step: full-frame PSNR, moving-pixel PSNR and SSIM panels (those present),
+    the model against the copy-last-frame, context-mean and mean-training-frame baselines, each curve with
+    a band of +-1 standard error (``<key>_se`` in ``eval_dict``). Keys as ``evaluation.evaluate`` writes them
+    (``pred_psnr``, ``copy_last_moving_psnr``, ...)."""
+    predictors = [("model", "pred"), ("copy last frame", "copy_last"), ("context mean", "context_mean"),
+                  ("mean training frame", "train_mean")]
+    metrics = [("psnr", "full-frame PSNR (dB)"), ("moving_psnr", "moving-pixel PSNR (dB)"), ("ssim", "SSIM")]
+    panels = []
+    for metric, ylabel in metrics:
+        lines = [(label, eval_dict[f"{p}_{metric}"], eval_dict.get(f"{p}_{metric}_se")) for label, p in predictors
+                 if eval_dict.get(f"{p}_{metric}")]
+        if lines:
+            panels.append((ylabel, lines))
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    styles = {"model": {"marker": "o", "linewidth": 2}, "copy last frame": {"linestyle": "--", "marker": "s"},
-              "mean frame": {"linestyle": ":", "marker": "^"}}
-    for ax, (metric, lines) in zip(axes.flat, panels):
-        for label, values in lines:
-            ax.plot(np.arange(1, len(values) + 1), values, label=label, **styles[label])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    styles = {"model": {"marker": "o", "linewidth": 2, "color": "C0"},
+              "copy last frame": {"linestyle": "--", "marker": "s", "color": "C1"},
+              "context mean": {"linestyle": ":", "marker": "^", "color": "C2"},
+              "mean training frame": {"linestyle": "-.", "marker": "v", "color": "C3"}}
+    for ax, (ylabel, lines) in zip(axes.flat, panels):
+        for label, values, errors in lines:
+            y = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+            x = np.arange(1, len(y) + 1)
+            ax.plot(x, y, label=label, **styles[label])
+            if errors:
+                e = np.array([np.nan if v is None else v for v in errors], dtype=np.float64)
+                ax.fill_between(x, y - e, y + e, color=styles[label]["color"], alpha=0.15, linewidth=0)
         ax.set_xlabel("steps into the future")
-        ax.set_ylabel("PSNR (dB)" if metric == "psnr" else "SSIM")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Open-loop prediction quality against horizon", fontsize=10)
+        ax.legend(fontsize=7)
+    verdict = eval_dict.get("verdict")
+    title = "Open-loop prediction against horizon (bands: ±1 standard error over windows)"
+    if isinstance(verdict, Mapping) and verdict.get("code"):
+        title += f"\nverdict: {verdict['code'].replace('_', ' ')}"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -1,4 +1,5 @@
-"""evaluate / make_evaluation_plots / write_report with the real model on the smoke preset.
+"""evaluate / make_evaluation_plots / write_report with the real model on the smoke preset, and the scoring
+core (VRNN/eval_scoring.py) on hand-made predictors: a constant mean frame, copy-last-frame and an oracle.
 
 The data are synthetic windows built here: a coloured square moving over a textured background, its
 velocity given by the actions (so frames and actions are related as in the real data).
@@ -17,21 +18,41 @@ from VRNN.advanced_metrics import psnr_per_image, ssim_per_image
 from VRNN.aime_config import AIMEConfig
 from VRNN.dpgmm_stickbreaking_prior_vrnn import DPGMMVariationalRecurrentAutoencoder
 from VRNN.ema import ModelEMA
+from VRNN.eval_scoring import (
+    BASELINES,
+    MOVING_THRESHOLD,
+    jackknife_ratio_of_means,
+    mean_and_se,
+    moving_psnr_per_image,
+    score_open_loop,
+    spread_ratio,
+    summarize_open_loop,
+    verdict,
+)
 from VRNN.evaluation import (
     PSNR_CAP_DB,
+    compute_mean_frame,
     eval_sequence_length,
     evaluate,
+    evaluation_windows,
+    load_or_compute_mean_frame,
     make_evaluation_plots,
     scalar_metrics,
     write_report,
 )
 
 ACTION_DIM = 2
-HORIZON_KEYS = ("pred_psnr", "pred_ssim", "copy_last_psnr", "copy_last_ssim", "mean_frame_psnr",
-                "mean_frame_ssim")
+HORIZON_KEYS = tuple(f"{p}_{m}{se}" for p in ("pred", "copy_last", "context_mean", "train_mean")
+                     for m in ("psnr", "moving_psnr", "ssim") for se in ("", "_se")) + (
+    "action_shuffle_ratio", "action_shuffle_ratio_se", "moving_fraction")
 SCALAR_KEYS = ("recon_psnr", "recon_ssim", "bits_per_dim", "kl_z", "kl_sticks", "kl_alpha", "recon_loss",
                "neg_elbo_nats_per_dim", "K_eff", "perceiver_accuracy", "pred_psnr_mean", "copy_last_psnr_mean",
-               "mean_frame_psnr_mean")
+               "context_mean_psnr_mean", "train_mean_psnr_mean", "pred_moving_psnr_mean", "recon_psnr_se",
+               "bits_per_dim_se", "kl_z_nats_per_frame", "kl_z_nats_per_frame_se", "kl_z_nats_per_latent_dim",
+               "z_swap_gap_nats_per_frame", "z_swap_gap_nats_per_frame_se", "h_swap_gap_nats_per_frame",
+               "h_swap_gap_nats_per_frame_se", "recon_nats_per_frame", "z_mean_spread", "z_posterior_std",
+               "z_spread_ratio", "z_spread_ratio_se", "perceiver_copy_accuracy", "perceiver_accuracy_se",
+               "perceiver_accuracy_gain", "action_shuffle_ratio_mean", "action_shuffle_ratio_mean_se")
 
 
 class MovingSquares(Dataset):
@@ -64,7 +85,7 @@ class MovingSquares(Dataset):
 @pytest.fixture(scope="module")
 def config():
     torch.set_num_threads(1)
-    return AIMEConfig.preset("smoke", eval_horizon=3, batch_size=2, eval_windows=3, action_dim=ACTION_DIM)
+    return AIMEConfig.preset("smoke", eval_horizon=3, batch_size=2, eval_windows=4, action_dim=ACTION_DIM)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +100,14 @@ def data(config):
 
 
 @pytest.fixture(scope="module")
-def result(model, data, config):
-    return evaluate(model, data, config, "cpu")
+def train_mean(config):
+    """The mean frame of a separate 'training' set of the same kind of windows."""
+    return compute_mean_frame(MovingSquares(6, eval_sequence_length(config), seed=1))
+
+
+@pytest.fixture(scope="module")
+def result(model, data, config, train_mean):
+    return evaluate(model, data, config, "cpu", mean_frame=train_mean, split="test")
 
 
 def test_keys_finite_and_json(result, config):
@@ -96,36 +123,56 @@ def test_keys_finite_and_json(result, config):
     assert 1 <= result["components_used"] <= config.max_components
     assert 0.0 <= result["perceiver_accuracy"] <= 1.0
     assert -1.0 <= result["recon_ssim"] <= 1.0
-    assert result["used_ema"] is False
+    assert result["used_ema"] is False and result["split"] == "test"
+    assert result["mean_frame_source"] == "training split" and result["moving_threshold"] == MOVING_THRESHOLD
+    assert result["verdict"]["code"] in ("beats_every_baseline", "no_better_than_constant", "partial")
+    assert result["verdict"]["text"] and set(result["verdict"]["beats_from"]) == set(BASELINES)
+    for base in BASELINES:
+        assert len(result["gaps"][base]["psnr"]) == config.eval_horizon
+    assert 0.0 <= result["perceiver_copy_accuracy"] <= 1.0
+    assert result["kl_z_nats_per_frame"] == pytest.approx(result["kl_z"] * 3 * 64 * 64, rel=1e-4)
     json.dumps(result, allow_nan=False)
     row = scalar_metrics(result)
     assert row["eval/bits_per_dim"] == result["bits_per_dim"] and "eval/pred_psnr" not in row
 
 
-def test_baselines_match_direct_computation(result, data, config):
+def test_baselines_match_direct_computation(result, data, config, train_mean):
     t0, f = config.eval_context_frames, config.eval_horizon
     idx = torch.linspace(0, len(data) - 1, config.eval_windows).round().long().tolist()
     obs = torch.stack([data[i]["observations"] for i in idx])
     target = obs[:, t0:t0 + f]
     copy = obs[:, t0 - 1:t0].expand_as(target)
     mean = obs[:, :t0].mean(1, keepdim=True).expand_as(target)
+    constant = train_mean.expand_as(target)
     expected = {
-        "copy_last_psnr": psnr_per_image(copy, target).clamp(max=PSNR_CAP_DB).mean(0),
-        "copy_last_ssim": ssim_per_image(copy, target).mean(0),
-        "mean_frame_psnr": psnr_per_image(mean, target).clamp(max=PSNR_CAP_DB).mean(0),
-        "mean_frame_ssim": ssim_per_image(mean, target).mean(0),
+        "copy_last_psnr": psnr_per_image(copy, target).clamp(max=PSNR_CAP_DB),
+        "copy_last_ssim": ssim_per_image(copy, target),
+        "context_mean_psnr": psnr_per_image(mean, target).clamp(max=PSNR_CAP_DB),
+        "context_mean_ssim": ssim_per_image(mean, target),
+        "train_mean_psnr": psnr_per_image(constant, target).clamp(max=PSNR_CAP_DB),
     }
     for key, values in expected.items():
-        assert result[key] == pytest.approx(values.tolist(), abs=1e-4), key
+        assert result[key] == pytest.approx(values.mean(0).tolist(), abs=1e-4), key
+        se = values.double().std(0) / math.sqrt(values.shape[0])
+        assert result[f"{key}_se"] == pytest.approx(se.tolist(), rel=1e-3, abs=1e-6), key
+    # moving-pixel PSNR of copy-last, by hand: pixels where the truth differs from the training mean
+    moving = ((target - train_mean).abs().amax(2) > MOVING_THRESHOLD).unsqueeze(2).expand_as(target)
+    by_hand = torch.tensor([[10 * math.log10(4 / ((copy[i, j] - target[i, j])[moving[i, j]] ** 2).mean().item())
+                             for j in range(f)] for i in range(len(idx))])
+    assert result["copy_last_moving_psnr"] == pytest.approx(by_hand.mean(0).tolist(), abs=1e-3)
 
 
-def test_static_scene_baselines_are_perfect(model, config):
-    res = evaluate(model, MovingSquares(2, eval_sequence_length(config), static=True), config, "cpu",
-                   max_windows=2)
+def test_static_scene_baselines_are_perfect(model, config, train_mean):
+    res = evaluate(model, MovingSquares(3, eval_sequence_length(config), static=True), config, "cpu",
+                   max_windows=3, mean_frame=train_mean)
     assert res["copy_last_psnr"] == pytest.approx([PSNR_CAP_DB] * config.eval_horizon)
     assert res["copy_last_ssim"] == pytest.approx([1.0] * config.eval_horizon)
-    assert res["mean_frame_psnr"] == pytest.approx([PSNR_CAP_DB] * config.eval_horizon)
+    assert res["context_mean_psnr"] == pytest.approx([PSNR_CAP_DB] * config.eval_horizon)
     assert res["pred_psnr_mean"] < PSNR_CAP_DB         # an untrained model does not copy perfectly
+    # every action is zero, so another window's actions are the same actions: the ratio is exactly 1
+    assert res["action_shuffle_ratio"] == pytest.approx([1.0] * config.eval_horizon)
+    assert res["action_shuffle_ratio_se"] == pytest.approx([0.0] * config.eval_horizon, abs=1e-9)
+    assert "actions_ignored" in res["verdict"]["flags"]
 
 
 def test_model_untouched_modes_restored_and_reproducible(model, data, config, result):
@@ -153,6 +200,8 @@ def test_loader_uint8_and_ema(model, data, config):
     res = evaluate(model, loader, config, "cpu", max_windows=3, ema=ema)
     assert res["num_windows"] == 3 and res["used_ema"] is True
     assert all(math.isfinite(v) for v in res["pred_psnr"])
+    assert res["mean_frame_source"].startswith("evaluation windows")   # no training mean was given
+    assert res["action_shuffle_windows"] == 2                          # the last batch holds one window
 
 
 def test_errors(model, config):
@@ -193,10 +242,151 @@ def test_plots_gif_and_report(model, data, config, result, tmp_path):
         assert not link.startswith("/") and (run_dir / link).is_file(), link
     for j in range(1, config.eval_horizon + 1):
         assert f"| +{j} |" in text
-    assert "copy-last PSNR" in text and "bits/dim" in text and "K_eff" in text
+    assert text.splitlines()[2] == f"**Verdict:** {result['verdict']['text']}."
+    for phrase in ("copy-last", "context mean", "mean train frame", "Moving-pixel PSNR", "action-shuffle ratio",
+                   "z_t comes from another window", "h_t comes from another window", "copy-current-token",
+                   "posterior std", "KL_z (nats/frame)", "bits/dim", "K_eff"):
+        assert phrase in text, phrase
 
 
 def test_plots_from_dataset_without_attention(model, data, result, tmp_path):
     paths = make_evaluation_plots(model, data, result, tmp_path / "plots", visualize_attention=False)
     assert "attention" not in paths and "loss_curves" not in paths     # no metrics.jsonl here
     assert paths["open_loop"].is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# The scoring core on hand-made predictors (no model)
+T0, F = 3, 5
+
+
+@pytest.fixture(scope="module")
+def windows():
+    """(truth [N,F,3,64,64], context [N,T0,3,64,64], mean training frame [3,64,64]) of moving squares."""
+    obs = torch.stack([w["observations"] for w in MovingSquares(16, T0 + F, seed=3).items])
+    mean = compute_mean_frame(MovingSquares(12, T0 + F, seed=4))
+    return obs[:, T0:], obs[:, :T0], mean
+
+
+def _score(windows, prediction, shuffled=None):
+    truth, context, mean = windows
+    summary = summarize_open_loop(score_open_loop(truth, context, prediction, mean, shuffled))
+    return summary, verdict(summary)
+
+
+def test_oracle_beats_every_baseline_from_the_first_step(windows):
+    truth = windows[0]
+    # an oracle that uses the actions: fed another window's actions it predicts that window's future
+    summary, v = _score(windows, truth, shuffled=truth.roll(1, 0))
+    assert v["code"] == "beats_every_baseline" and v["text"].startswith(f"prediction beats every baseline from +1 (of +{F})")
+    assert v["beats_from"] == {b: 1 for b in BASELINES} and v["flags"] == []
+    assert summary["pred_psnr"] == pytest.approx([PSNR_CAP_DB] * F)
+    assert summary["pred_moving_psnr"] == pytest.approx([PSNR_CAP_DB] * F)
+    ratio, se = summary["action_shuffle_ratio_mean"], summary["action_shuffle_ratio_mean_se"]
+    assert ratio > 1e6 and ratio > 1 + 2 * se     # MSE 0 with the right actions: only RATIO_EPS keeps it finite
+    assert all(g > 0 for b in BASELINES for g in summary["gaps"][b]["psnr"])
+
+
+def test_constant_mean_frame_is_flagged(windows):
+    truth, _, mean = windows
+    constant = mean.expand_as(truth)
+    summary, v = _score(windows, constant, shuffled=constant)
+    assert v["code"] == "no_better_than_constant"
+    assert v["text"].startswith("prediction does not beat the mean training frame")
+    assert "actions_ignored" in v["flags"] and "future actions make no difference" in v["text"]
+    assert summary["gaps"]["train_mean"]["psnr"] == pytest.approx([0.0] * F, abs=1e-9)
+    assert summary["gaps"]["train_mean"]["wins"] == [False] * F
+    assert summary["pred_psnr"] == pytest.approx(summary["train_mean_psnr"])
+    assert summary["action_shuffle_ratio"] == pytest.approx([1.0] * F)
+    # the constant is worse on the pixels that move than on the whole frame (the rest it gets right)
+    assert summary["train_mean_moving_psnr_mean"] < summary["train_mean_psnr_mean"]
+
+
+def test_copy_last_does_not_beat_copy_last(windows):
+    truth, context, _ = windows
+    copy = context[:, -1:].expand_as(truth)
+    summary, v = _score(windows, copy, shuffled=copy)
+    assert v["code"] != "beats_every_baseline"
+    assert summary["gaps"]["copy_last"]["wins"] == [False] * F and summary["gaps"]["copy_last"]["beats_from"] is None
+    assert summary["gaps"]["copy_last"]["psnr"] == pytest.approx([0.0] * F, abs=1e-9)
+    assert "copy-last-frame" in v["text"].split("does not beat")[-1]
+    # copy-last is sharper than the blurred training mean on these windows, and beats it
+    assert summary["gaps"]["train_mean"]["beats_from"] == 1
+
+
+def test_action_blind_noisy_predictor_has_ratio_one_within_error(windows):
+    truth = windows[0]
+    g = torch.Generator().manual_seed(0)
+    noisy = (truth + 0.2 * torch.randn(truth.shape, generator=g)).clamp(-1, 1)
+    other = (truth + 0.2 * torch.randn(truth.shape, generator=g)).clamp(-1, 1)   # same predictor, other actions
+    summary, v = _score(windows, noisy, shuffled=other)
+    for r, se in zip(summary["action_shuffle_ratio"], summary["action_shuffle_ratio_se"]):
+        assert abs(r - 1) < 3 * se + 1e-3, (r, se)
+    assert "actions_ignored" in v["flags"]
+
+
+def test_swap_controls_in_the_verdict(windows):
+    truth = windows[0]
+    summary, _ = _score(windows, truth, shuffled=truth.roll(1, 0))
+    flags = verdict(summary, {"z_swap_gap_nats_per_frame": 5e-4, "z_swap_gap_nats_per_frame_se": 1e-5,
+                              "h_swap_gap_nats_per_frame": 120.0, "h_swap_gap_nats_per_frame_se": 10.0})["flags"]
+    assert flags == ["z_ignored"]
+
+
+def test_statistics_helpers():
+    x = torch.tensor([[1.0, math.nan], [2.0, 4.0], [4.0, math.nan]])
+    mean, se, n = mean_and_se(x)
+    assert mean.tolist() == pytest.approx([7 / 3, 4.0]) and n.tolist() == [3, 1]
+    assert se[0].item() == pytest.approx(torch.tensor([1.0, 2.0, 4.0]).std().item() / math.sqrt(3))
+    assert math.isnan(se[1].item())                                  # one value: no error estimate
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(20, generator=g) + 1, torch.rand(20, generator=g) + 1
+    ratio, se = jackknife_ratio_of_means(a, b)
+    loo = torch.tensor([(a.sum() - a[i]) / (b.sum() - b[i]) for i in range(20)])
+    assert ratio.item() == pytest.approx((a.mean() / b.mean()).item())
+    assert se.item() == pytest.approx(math.sqrt(19 / 20 * ((loo - loo.mean()) ** 2).sum().item()), rel=1e-6)
+    means, variances = torch.randn(10, 4, 3, generator=g) * 0.5, torch.full((10, 4, 3), 0.25)
+    s = spread_ratio(means, variances)
+    assert s["posterior_std"] == pytest.approx(0.5)
+    assert s["spread"] == pytest.approx(means.var(0).mean().sqrt().item())
+    assert s["ratio"] == pytest.approx(s["spread"] / 0.5) and s["ratio_se"] > 0
+    empty = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    frames = torch.zeros(1, 1, 3, 64, 64)
+    assert math.isnan(moving_psnr_per_image(frames, frames, empty).item())   # nothing moves: undefined
+
+
+class _Episodes(torch.utils.data.Dataset):
+    """Stand-in for DMCVBDataset: window_index over two episodes of 10 and 7 rows, windows of 3."""
+
+    sequence_length = 3
+
+    def __init__(self):
+        self.window_index = [(e, s) for e, n in enumerate((10, 7)) for s in range(n - 3 + 1)]
+
+    def __len__(self):
+        return len(self.window_index)
+
+    def __getitem__(self, i):
+        e, s = self.window_index[i]
+        value = torch.full((3, 3, 64, 64), (e * 10 + s) / 20.0 - 0.5)
+        return {"observations": value, "actions": torch.zeros(3, ACTION_DIM)}
+
+
+def test_windows_do_not_overlap_and_cover_every_episode():
+    data = _Episodes()
+    idx, info = evaluation_windows(data, 100)
+    assert [data.window_index[i] for i in idx] == [(0, 0), (0, 3), (0, 6), (1, 0), (1, 3)]
+    assert info == {"non_overlapping": True, "available_windows": 5, "num_episodes": 2}
+    idx, info = evaluation_windows(data, 2)
+    assert info["num_episodes"] == 2 and len(idx) == 2
+
+
+def test_mean_frame_is_stored_and_reloaded(tmp_path):
+    data = _Episodes()
+    path = tmp_path / "mean_frame.npy"
+    frame = load_or_compute_mean_frame(path, data, max_frames=9)
+    # 3 windows of 3 frames, evenly spaced over the 5 non-overlapping ones: (0,0), (0,6), (1,3)
+    assert frame.shape == (3, 64, 64) and frame[0, 0, 0].item() == pytest.approx((0 + 6 + 13) / 3 / 20 - 0.5)
+    assert torch.equal(load_or_compute_mean_frame(path), frame)      # read back, no dataset needed
+    with pytest.raises(FileNotFoundError, match="no mean training frame"):
+        load_or_compute_mean_frame(tmp_path / "missing.npy")
