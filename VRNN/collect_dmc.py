@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import signal
 import sys
 import threading
@@ -34,11 +33,9 @@ from tqdm import tqdm
 from VRNN.aime_config import AIMEConfig
 from VRNN.dmc_envs import DMCEnv, resolve_env_name
 from VRNN.hdf5_io import (
-    DAMAGED_DIR,
     EPISODE_FILE_RE,
     LEGACY_FILES,
     SPLITS,
-    TEMP_FILE_RE,
     DataFileError,
     DataSplits,
     DiskFullError,
@@ -49,6 +46,7 @@ from VRNN.hdf5_io import (
     convert_legacy,
     fault_point,
     list_episode_files,
+    remove_split,
     repair,
     summary,
 )
@@ -169,21 +167,6 @@ def _replace_hint(path: Path) -> str:
             f"'python VRNN/collect_dmc.py --out {path.parent} --overwrite ...'")
 
 
-def _remove_split(path: Path) -> None:
-    """Delete a split folder (or old split file) for --overwrite, refusing folders holding other files."""
-    if path.is_file():
-        path.unlink()
-        return
-    if not path.is_dir():
-        return
-    foreign = [e.name for e in path.iterdir()
-               if not (EPISODE_FILE_RE.match(e.name) or TEMP_FILE_RE.match(e.name) or e.name in (".lock", DAMAGED_DIR))]
-    if foreign:
-        raise DataFileError(f"refusing to delete {path} for --overwrite: it holds files that are not episodes "
-                            f"({', '.join(sorted(foreign)[:3])})")
-    shutil.rmtree(path)
-
-
 def collect_split(path: str | Path, env_name: str, seeds: Sequence[int], episode_length: int, policy: str,
                   action_repeat: int = 2, image_size: int = 64, progress: bool = True,
                   overwrite: bool = False, desc: str = "", split: str = "train",
@@ -203,7 +186,7 @@ def collect_split(path: str | Path, env_name: str, seeds: Sequence[int], episode
         raise ValueError(f"episode_length must be at least 1 agent step, got {episode_length}")
     if overwrite and path.exists():
         logger.info("overwriting %s", path)
-        _remove_split(path)
+        remove_split(path)
     if path.is_file():
         raise DataFileError(f"{path} is a file, expected a split folder; {_replace_hint(path)}")
     attrs = {"env": spec.name, "camera": spec.camera, "action_repeat": int(action_repeat), "policy": policy,

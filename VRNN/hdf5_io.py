@@ -32,6 +32,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -65,6 +66,7 @@ __all__ = [
     "list_episodes",
     "open_checked",
     "read_episode",
+    "remove_split",
     "repair",
     "summary",
     "verify",
@@ -825,6 +827,24 @@ def _lock_folder(directory: Path) -> int:
         os.close(fd)
         raise DataFileError(f"{directory} is being written by another process (locked); wait for it or stop it") from err
     return fd
+
+
+def remove_split(path: str | Path) -> None:
+    """Delete a split folder (or old split file) for ``--overwrite``; refuses a folder that holds anything
+    but episode files, temporary files, the lock and ``damaged/`` (DataFileError), so that a mistyped
+    path never deletes other data."""
+    path = Path(path)
+    if path.is_file():
+        path.unlink()
+        return
+    if not path.is_dir():
+        return
+    foreign = [e.name for e in path.iterdir()
+               if not (EPISODE_FILE_RE.match(e.name) or TEMP_FILE_RE.match(e.name) or e.name in (".lock", DAMAGED_DIR))]
+    if foreign:
+        raise DataFileError(f"refusing to delete {path}: it holds files that are not episodes "
+                            f"({', '.join(sorted(foreign)[:3])})")
+    shutil.rmtree(path)
 
 
 def convert_legacy(old: str | Path, new_dir: str | Path, split: str = "train") -> tuple[int, list[str]]:

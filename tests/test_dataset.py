@@ -13,7 +13,7 @@ from VRNN.hdf5_io import EpisodeWriter
 
 
 def _synthetic(path, lengths, action_dim=2, size=64):
-    """Episodes whose rows are recognisable: obs pixel (0,0,0) = episode, (0,0,1) = row; action = [e, row]."""
+    """A split folder whose rows are recognisable: obs pixel (0,0,0) = episode, (0,0,1) = row; action = [e, row]."""
     attrs = {"env": "cheetah-run", "camera": 0, "action_repeat": 2, "policy": "random", "image_size": size,
              "action_dim": action_dim}
     with EpisodeWriter(path, attrs) as w:
@@ -33,7 +33,7 @@ def _synthetic(path, lengths, action_dim=2, size=64):
 
 @pytest.mark.parametrize("cache_bytes", [2 ** 31, 0])  # RAM cache and lazy reading behave the same
 def test_windows_stay_inside_episodes(tmp_path, cache_bytes):
-    path = _synthetic(tmp_path / "s.h5", [5, 9, 3, 7])
+    path = _synthetic(tmp_path / "s", [5, 9, 3, 7])
     T = 4
     ds = DMCVBDataset(path, T, scale="uint8", cache_bytes=cache_bytes)
     assert ds.cached == (cache_bytes > 0)
@@ -55,17 +55,17 @@ def test_windows_stay_inside_episodes(tmp_path, cache_bytes):
 
 
 def test_real_data_float_scale_and_loader(tiny_dmc_data):
-    ds = DMCVBDataset(tiny_dmc_data / "train.h5", 8)
-    raw = DMCVBDataset(tiny_dmc_data / "train.h5", 8, scale="uint8")
+    ds = DMCVBDataset(tiny_dmc_data / "train", 8)
+    raw = DMCVBDataset(tiny_dmc_data / "train", 8, scale="uint8")
     assert ds.action_dim == 6 and ds.env_name == "cheetah-run" and len(ds) == 2 * (25 - 8 + 1)
     item = ds[3]
     obs = item["observations"]
     assert obs.dtype == torch.float32 and obs.shape == (8, 3, 64, 64)
     assert obs.min() >= -1 and obs.max() <= 1 and obs.std() > 0.05
     assert torch.allclose(obs, raw[3]["observations"].float() / 127.5 - 1)
-    with h5py.File(tiny_dmc_data / "train.h5", "r") as f:
-        episode, start = ds.window_index[3]
-        expected = f[f"episode_{episode:06d}"]["obs"][start:start + 8]
+    episode, start = ds.window_index[3]
+    with h5py.File(tiny_dmc_data / "train" / f"ep_{episode:06d}.h5", "r") as f:
+        expected = f["obs"][start:start + 8]
     assert np.array_equal(raw[3]["observations"].numpy().transpose(0, 2, 3, 1), expected)
     batch = next(iter(DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))))
     assert batch["observations"].shape == (4, 8, 3, 64, 64)
@@ -74,8 +74,8 @@ def test_real_data_float_scale_and_loader(tiny_dmc_data):
 
 
 def test_lazy_reading_through_worker_processes(tiny_dmc_data):
-    ds = DMCVBDataset(tiny_dmc_data / "eval.h5", 5, scale="uint8", cache_bytes=0)
-    cached = DMCVBDataset(tiny_dmc_data / "eval.h5", 5, scale="uint8")
+    ds = DMCVBDataset(tiny_dmc_data / "test", 5, scale="uint8", cache_bytes=0)
+    cached = DMCVBDataset(tiny_dmc_data / "test", 5, scale="uint8")
     loader = DataLoader(ds, batch_size=7, num_workers=2, shuffle=False)
     got = torch.cat([b["observations"] for b in loader])
     expected = torch.stack([cached[i]["observations"] for i in range(len(cached))])
@@ -83,7 +83,7 @@ def test_lazy_reading_through_worker_processes(tiny_dmc_data):
 
 
 def test_augmentation_is_one_shift_per_window_and_reproducible(tmp_path):
-    path = tmp_path / "aug.h5"
+    path = tmp_path / "aug"
     attrs = {"env": "cheetah-run", "camera": 0, "action_repeat": 2, "policy": "random", "image_size": 64,
              "action_dim": 1}
     rng = np.random.default_rng(0)
@@ -114,20 +114,28 @@ def test_augmentation_is_one_shift_per_window_and_reproducible(tmp_path):
 
 def test_errors(tmp_path, tiny_dmc_data):
     with pytest.raises(ValueError, match=r"T=26 .*longest: 25 rows"):
-        DMCVBDataset(tiny_dmc_data / "train.h5", 26)
+        DMCVBDataset(tiny_dmc_data / "train", 26)
     with pytest.raises(ValueError, match="not found"):
         DMCVBDataset(tmp_path / "missing.h5", 4)
     (tmp_path / "junk.h5").write_bytes(b"junk" * 100)
     with pytest.raises(ValueError, match="not an HDF5 file"):
         DMCVBDataset(tmp_path / "junk.h5", 4)
-    path = _synthetic(tmp_path / "v.h5", [5])
-    with h5py.File(path, "a") as f:
-        f.attrs["schema_version"] = 2
-    with pytest.raises(ValueError, match="schema_version is 2"):
+    path = _synthetic(tmp_path / "v", [5, 6])
+    with h5py.File(path / "ep_000001.h5", "a") as f:
+        f.attrs["schema_version"] = 3
+    with pytest.raises(ValueError, match=r"ep_000001.h5: schema_version is 3, expected 2"):
         DMCVBDataset(path, 4)
+    with h5py.File(path / "ep_000001.h5", "a") as f:
+        f.attrs["schema_version"] = 2
+        f.attrs["action_dim"] = 3
+    with pytest.raises(ValueError, match=r"ep_000001.h5 has action_dim=3 but ep_000000.h5 has 2"):
+        DMCVBDataset(path, 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no complete episode"):
+        DMCVBDataset(tmp_path / "empty", 4)
     with pytest.raises(ValueError, match="scale"):
-        DMCVBDataset(tiny_dmc_data / "train.h5", 4, scale="half")
+        DMCVBDataset(tiny_dmc_data / "train", 4, scale="half")
     with pytest.raises(ValueError, match="sequence_length"):
-        DMCVBDataset(tiny_dmc_data / "train.h5", 0)
+        DMCVBDataset(tiny_dmc_data / "train", 0)
     with pytest.raises(IndexError):
-        DMCVBDataset(tiny_dmc_data / "train.h5", 4)[10_000]
+        DMCVBDataset(tiny_dmc_data / "train", 4)[10_000]
