@@ -57,12 +57,29 @@ def bare_loop(env_name: str, steps: int, action_repeat: int, size: int, fast: bo
 
 
 def collector(env_name: str, steps: int, action_repeat: int, size: int, out: Path) -> float:
-    """Agent steps per second of collect_split (policy, env, frames, gzip HDF5 writes), 2 episodes."""
+    """Agent steps per second of collect_split (policy, env, frames, compressed HDF5 writes), 2 episodes,
+    into ``out`` (a path that does not exist yet: collect_split's own split file or folder)."""
     length = steps // 2
     start = time.perf_counter()
     collect_split(out, env_name, split_seeds(0, 2, "train"), length, "random", action_repeat, size,
                   progress=False)
     return 2 * length / (time.perf_counter() - start)
+
+
+def compare_collection(env_name: str, steps: int, action_repeat: int, size: int, out_dir: Path,
+                       repeats: int = 2) -> dict[str, object]:
+    """The collector against the bare loops, interleaved ``repeats`` times (best of each); the last
+    repetition's data stays under ``out_dir`` (its path is ``"data_path"``)."""
+    bare, best, coll = [], [], []
+    path = None
+    for rep in range(repeats):
+        bare.append(bare_loop(env_name, steps, action_repeat, size, fast=True))
+        best.append(bare_loop(env_name, steps, action_repeat, size, fast=True, reuse_camera=True))
+        path = Path(out_dir) / f"bench_rep{rep}"
+        coll.append(collector(env_name, steps, action_repeat, size, path))
+    return {"bare_steps_per_s": max(bare), "bare_one_camera_steps_per_s": max(best),
+            "collector_steps_per_s": max(coll), "ratio": max(coll) / max(bare),
+            "ratio_vs_one_camera": max(coll) / max(best), "data_path": str(path)}
 
 
 def dataset_rates(path: Path, T: int, windows: int) -> dict[str, float]:
@@ -79,16 +96,26 @@ def dataset_rates(path: Path, T: int, windows: int) -> dict[str, float]:
         lazy[int(i)]
     rates["random access (lazy h5py)"] = (windows // 4) / (time.perf_counter() - start)
     for workers in (0, 2):
-        loader = DataLoader(ds, batch_size=16, shuffle=True, num_workers=workers,
-                            generator=torch.Generator().manual_seed(0))
-        start = time.perf_counter()
-        seen = 0
+        rates[f"DataLoader B=16 workers={workers}"] = loader_rate(ds, 16, workers, windows)
+    return rates
+
+
+def loader_rate(ds, batch_size: int, workers: int, windows: int, pin_memory: bool = False,
+                max_seconds: float | None = None) -> float:
+    """Windows per second through a shuffling DataLoader over ``ds`` (worker start-up included), reading
+    at least ``windows`` windows (or for ``max_seconds``, when given, whichever ends first)."""
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=pin_memory,
+                        generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    seen = 0
+    while seen < windows:
         for batch in loader:
             seen += batch["observations"].shape[0]
-            if seen >= windows:
+            if seen >= windows or (max_seconds is not None and time.perf_counter() - start > max_seconds):
                 break
-        rates[f"DataLoader B=16 workers={workers}"] = seen / (time.perf_counter() - start)
-    return rates
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    return seen / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -103,26 +130,19 @@ def main() -> None:
     torch.set_num_threads(1)
     name = resolve_env_name(args.env).name
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.h5"
         # interleave to spread machine-load noise over both sides; report the best of two
-        bare, best, coll = [], [], []
-        for rep in range(2):
-            bare.append(bare_loop(name, args.steps, args.action_repeat, args.image_size, fast=True))
-            best.append(bare_loop(name, args.steps, args.action_repeat, args.image_size, fast=True,
-                                  reuse_camera=True))
-            if out.exists():
-                out.unlink()
-            coll.append(collector(name, args.steps, args.action_repeat, args.image_size, out))
+        r = compare_collection(name, args.steps, args.action_repeat, args.image_size, Path(tmp), repeats=2)
         slow = bare_loop(name, args.steps // 3, args.action_repeat, args.image_size, fast=False)
+        bare, best, coll = r["bare_steps_per_s"], r["bare_one_camera_steps_per_s"], r["collector_steps_per_s"]
         print(f"env={name} action_repeat={args.action_repeat} size={args.image_size} steps={args.steps}")
         print(f"bare dm_control loop, default render : {slow:8.1f} agent steps/s")
-        print(f"bare dm_control loop, fast render    : {max(bare):8.1f} agent steps/s "
-              f"(fast/default {max(bare) / slow:.2f}x)")
-        print(f"bare loop, fast render, one Camera   : {max(best):8.1f} agent steps/s")
-        print(f"collector (policy + env + HDF5 gzip) : {max(coll):8.1f} agent steps/s (set-up included)")
-        print(f"ratio collector / bare physics.render loop : {max(coll) / max(bare):6.2f}  (aim >= 0.8)")
-        print(f"ratio collector / bare one-Camera loop     : {max(coll) / max(best):6.2f}")
-        for label, rate in dataset_rates(out, args.sequence_length, args.windows).items():
+        print(f"bare dm_control loop, fast render    : {bare:8.1f} agent steps/s "
+              f"(fast/default {bare / slow:.2f}x)")
+        print(f"bare loop, fast render, one Camera   : {best:8.1f} agent steps/s")
+        print(f"collector (policy + env + HDF5 gzip) : {coll:8.1f} agent steps/s (set-up included)")
+        print(f"ratio collector / bare physics.render loop : {r['ratio']:6.2f}  (aim >= 0.8)")
+        print(f"ratio collector / bare one-Camera loop     : {r['ratio_vs_one_camera']:6.2f}")
+        for label, rate in dataset_rates(Path(r["data_path"]), args.sequence_length, args.windows).items():
             print(f"dataset T={args.sequence_length} {label:28s}: {rate:8.1f} windows/s")
 
 

@@ -1,0 +1,74 @@
+"""benchmarks/run_all.py on its smallest path: the smoke preset, --quick, every section in this process.
+Checks the results file's keys and that every ratio is finite; never a wall-clock figure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_run_all():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory, tiny_dmc_data):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    run_all = _load_run_all()
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = next(p for p in (tiny_dmc_data / "train", tiny_dmc_data / "train.h5") if p.exists())
+        rc = run_all.main(["--quick", "--presets", "smoke", "--no-isolate", "--out", str(out), "--threads", "1",
+                           "--collect-steps", "8", "--data", str(data), "--windows", "8", "--horizon", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads(out.read_text())
+    return rc, results
+
+
+def test_run_all_writes_every_section(smoke_results):
+    rc, results = smoke_results
+    assert results["meta"]["errors"] == [], {k: v.get("error") for k, v in results.items() if isinstance(v, dict)}
+    assert rc == 0
+    for key in ("meta", "steps", "tscale", "aggregator", "data", "collect", "imagine", "ratios", "table_markdown"):
+        assert key in results, key
+    step = results["steps"]["smoke"]
+    for key in ("fps", "step_s_median", "gflop_per_frame", "achieved_gflops", "achieved_vs_matmul",
+                "peak_memory_mib", "machine", "profile"):
+        assert key in step, key
+    assert step["skipped_steps"] == 0
+    profile = step["profile"]
+    for part in ("encoder", "perceiver", "prior loop", "attention", "decoder & likelihood", "per-task gradients",
+                 "aggregator", "optimiser", "discriminator step", "EMA update"):
+        assert part in profile["shares"], part
+    assert sum(profile["shares"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert profile["shares"]["per-task gradients"] > 0 and profile["shares"]["optimiser"] > 0
+    assert 0 <= profile["loop_share"] <= 1
+
+
+def test_ratios_are_finite(smoke_results):
+    _, results = smoke_results
+    ratios = results["ratios"]
+    for key in ("smoke.step_fps", "smoke.achieved_vs_matmul", "smoke.loop_share", "tscale_ratio",
+                "aggregator_ratio", "data_ratio", "collect_ratio", "imagine_realtime_ratio"):
+        assert key in ratios, key
+        assert math.isfinite(ratios[key]) and ratios[key] >= 0, (key, ratios[key])
+    assert results["tscale"]["T"] == [4, 8]
+    assert results["aggregator"]["aggregators"] == ["rgb", "sum"]
+    assert "| figure |" in results["table_markdown"]
