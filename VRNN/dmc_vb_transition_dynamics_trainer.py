@@ -112,7 +112,8 @@ class DMCVBTrainer:
     Args:
         model: a ``DPGMMVariationalRecurrentAutoencoder`` already on ``device`` (identical on all ranks
             is enforced by a broadcast from rank 0).
-        train_data, eval_data: ``DMCVBDataset`` (or any dataset of the same item dicts).
+        train_data, eval_data: ``DMCVBDataset`` (or any dataset of the same item dicts); ``eval_data`` is
+            the validation split: the periodic evaluations and the choice of ``best.pt`` use it.
         config: the run's ``AIMEConfig``; its ``action_dim`` must equal the model's.
         run_dir: output folder (``metrics.jsonl``, ``eval.json``, ``checkpoints/``, ``plots/``).
         device: defaults to the model's device.
@@ -121,18 +122,22 @@ class DMCVBTrainer:
         progress: tqdm bar; ``None`` = only on rank 0 attached to a terminal.
         minutes: wall-clock budget of ``train``; ``stop_file``: a path whose existence stops training.
         visualize_attention, save_visualizations: passed to the evaluation plots.
+        test_data: the test split, evaluated once at the end of training for ``eval.json`` (default:
+            ``eval_data``, for data with no separate test split).
     """
 
     def __init__(self, model: torch.nn.Module, train_data, eval_data, config: AIMEConfig, run_dir: str | Path,
                  device: torch.device | str | None = None, dist: DistContext | None = None,
                  tensorboard: bool = False, progress: bool | None = None, minutes: float | None = None,
                  stop_file: Path | None = None, visualize_attention: bool = False,
-                 save_visualizations: bool = False) -> None:
+                 save_visualizations: bool = False, test_data=None) -> None:
         from multi_task_learning import get_aggregator
         from VRNN.ema import ModelEMA
 
         self.model = model
         self.train_data, self.eval_data = train_data, eval_data
+        self.test_data = test_data if test_data is not None else eval_data
+        self._mean_frame: torch.Tensor | None = None
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -362,35 +367,54 @@ class DMCVBTrainer:
         metrics.log(row)
         return row
 
-    def evaluate(self, write: bool = True, metrics: MetricsLogger | None = None) -> dict[str, Any]:
-        """Evaluate the EMA model on the held-out split (rank 0; the others wait).
+    def mean_frame(self) -> torch.Tensor:
+        """The mean training frame [3,H,W] of the evaluation's constant baseline: ``<run_dir>/mean_frame.npy``,
+        computed from the training split at the first call of a run (rank 0 writes it)."""
+        from VRNN.evaluation import MEAN_FRAME_FILE, load_or_compute_mean_frame
 
-        Writes ``eval.json`` (with ``step``) when ``write``, appends the scalar metrics as an ``eval/...``
-        row to ``metrics.jsonl``, and draws the figures: to ``plots/step_<N>/`` with
-        ``save_visualizations``, to ``plots/`` (latest only) with ``visualize_attention``.
-        Evaluation samples from a forked, seeded RNG, so it never changes the training run.
+        if self._mean_frame is None:
+            self._mean_frame = load_or_compute_mean_frame(self.run_dir / MEAN_FRAME_FILE, self.train_data,
+                                                          write=self.dist.is_main)
+        return self._mean_frame
+
+    def evaluate(self, write: bool = True, metrics: MetricsLogger | None = None, split: str = "validation",
+                 plots: bool = True) -> dict[str, Any]:
+        """Evaluate the EMA model on ``split`` ("validation": ``eval_data``, or "test": ``test_data``) on
+        rank 0 (the others wait).
+
+        When ``write``: the validation result goes to ``eval_validation.json``, the test result to
+        ``eval.json`` (both with ``step`` and ``split``). Appends the scalar metrics to ``metrics.jsonl``
+        as an ``eval/...`` (validation) or ``test/...`` row, and draws the figures (``plots``): to
+        ``plots/step_<N>/`` with ``save_visualizations``, to ``plots/`` (latest only) with
+        ``visualize_attention``. Evaluation samples from a forked, seeded RNG, so it never changes the
+        training run.
         """
         from VRNN.evaluation import evaluate, scalar_metrics
 
+        if split not in ("validation", "test"):
+            raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
         result: dict[str, Any] = {}
         if self.dist.is_main:
-            result = {"step": self.step, **evaluate(self.model, self.eval_data, self.config, device=self.device,
-                                                     ema=self.ema.module, progress=self._progress)}
+            data = self.eval_data if split == "validation" else self.test_data
+            result = {"step": self.step, **evaluate(self.model, data, self.config, device=self.device,
+                                                     ema=self.ema.module, progress=self._progress,
+                                                     mean_frame=self.mean_frame(), split=split)}
             if write:
-                write_json_atomic(self.run_dir / "eval.json", result)
-            (metrics or MetricsLogger(self.run_dir)).log({"step": self.step, **scalar_metrics(result)})
-            if self.save_visualizations:
-                self.make_plots(self.run_dir / "plots" / f"step_{self.step:08d}", result)
-            elif self.visualize_attention:
-                self.make_plots(self.run_dir / "plots", result)
+                write_json_atomic(self.run_dir / ("eval.json" if split == "test" else "eval_validation.json"), result)
+            prefix = "eval/" if split == "validation" else "test/"
+            (metrics or MetricsLogger(self.run_dir)).log({"step": self.step, **scalar_metrics(result, prefix)})
+            if plots and self.save_visualizations:
+                self.make_plots(self.run_dir / "plots" / f"step_{self.step:08d}", result, split)
+            elif plots and self.visualize_attention:
+                self.make_plots(self.run_dir / "plots", result, split)
             self.last_evaluation = result
         barrier()
         return result
 
-    def make_plots(self, plots_dir: Path, evaluation: dict[str, Any]) -> dict[str, Path]:
-        """Every evaluation figure of the EMA model into ``plots_dir`` (rank 0)."""
-        return make_plots(self.ema.module, self.eval_data, self.config, plots_dir, evaluation,
-                          self.run_dir / "metrics.jsonl")
+    def make_plots(self, plots_dir: Path, evaluation: dict[str, Any], split: str = "validation") -> dict[str, Path]:
+        """Every evaluation figure of the EMA model into ``plots_dir`` (rank 0), drawn on ``split``'s windows."""
+        return make_plots(self.ema.module, self.eval_data if split == "validation" else self.test_data, self.config,
+                          plots_dir, evaluation, self.run_dir / "metrics.jsonl")
 
     # ----------------------------------------------------------------------------------------------
     def train(self, until: int | None = None) -> TrainResult:
@@ -452,14 +476,22 @@ class DMCVBTrainer:
         logger.info("training ended at step %d (%s)", self.step, reason)
         return TrainResult(self.step, reason, self.last_checkpoint, self.last_evaluation, self.nonfinite_total)
 
-    def _evaluate_and_checkpoint(self, metrics: MetricsLogger | None = None) -> None:
-        result = self.evaluate(metrics=metrics)
+    def _evaluate_and_checkpoint(self, metrics: MetricsLogger | None = None, final: bool | None = None) -> None:
+        """Evaluate on the validation split, keep ``best.pt`` by its bits/dim, checkpoint; at the end of
+        training (``final``) also evaluate on the test split for ``eval.json`` (and ``last_evaluation``).
+
+        ``final`` None: inferred as "no open metrics logger (the call after the loop) or max_steps reached".
+        """
+        final = (metrics is None or self.step >= self.config.max_steps) if final is None else final
+        result = self.evaluate(metrics=metrics, plots=not final)
         best = False
         if self.dist.is_main:
             bpd = _bits_per_dim(result)
             if bpd is not None and bpd < self.best_bits_per_dim:
                 self.best_bits_per_dim, best = bpd, True
         self.save_checkpoint(best=best or not (self.checkpoints.dir / "best.pt").exists())
+        if final:
+            self.evaluate(metrics=metrics, split="test")
 
 
 def make_plots(model: torch.nn.Module, eval_data, config: AIMEConfig, plots_dir: Path, evaluation: dict[str, Any],

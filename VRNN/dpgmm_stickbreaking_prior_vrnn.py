@@ -144,9 +144,13 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu",
-                        use_ema: bool = False) -> DPGMMVariationalRecurrentAutoencoder:
-        """Rebuild from a checkpoint's ``config`` and ``action_dim`` and load ``model`` (or ``ema``).
-        A missing file, a foreign file or weights that do not fit raise ``CheckpointError``."""
+                        use_ema: bool | None = None) -> DPGMMVariationalRecurrentAutoencoder:
+        """Rebuild from a checkpoint's ``config`` and ``action_dim`` and load its weights.
+
+        ``use_ema``: None (default) loads the EMA weights when the checkpoint has them (what the run's
+        evaluation reported) and the live ``model`` weights, with a log line, when it has none; True
+        requires the EMA weights; False loads the live training weights. A missing file, a foreign file,
+        weights that do not fit, or ``use_ema=True`` on a checkpoint without EMA raise ``CheckpointError``."""
         payload = load_checkpoint(path, map_location=map_location)
         for key in ("config", "model"):
             if key not in payload:
@@ -155,6 +159,10 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
             config = AIMEConfig.from_dict(payload["config"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {exc}") from exc
+        if use_ema is None:
+            use_ema = payload.get("ema") is not None
+            if not use_ema:
+                logger.info("checkpoint %s holds no EMA weights: loading its live training weights", path)
         state = payload.get("ema") if use_ema else payload["model"]
         if state is None:
             raise CheckpointError(f"checkpoint {str(path)!r} has no EMA weights (ema is None); use use_ema=False")

@@ -250,7 +250,7 @@ def _setup_training(args: argparse.Namespace, ctx: DistContext):
         raise ValueError(f"--batch-size {config.batch_size} is the global batch and must divide by the "
                          f"number of processes ({ctx.world_size})")
     splits = ensure_dataset(config, args.data_dir, ctx)
-    train_data, _validation_data, eval_data = load_datasets(config, *splits)
+    train_data, validation_data, eval_data = load_datasets(config, *splits)  # eval_data: the test split
     config = config.replace(action_dim=train_data.action_dim)
     run_dir = resolve_run_dir(config.env, args.run_dir, ctx)
     resume_path = find_latest(run_dir / "checkpoints") if args.resume else None
@@ -258,10 +258,10 @@ def _setup_training(args: argparse.Namespace, ctx: DistContext):
         logger.info("--resume: no checkpoint in %s yet; starting from step 0", run_dir / "checkpoints")
     seed_everything(config.seed)
     model = build_model(config, train_data.action_dim, ctx.device)
-    trainer = DMCVBTrainer(model, train_data, eval_data, config, run_dir, device=ctx.device, dist=ctx,
+    trainer = DMCVBTrainer(model, train_data, validation_data, config, run_dir, device=ctx.device, dist=ctx,
                            tensorboard=args.tensorboard, minutes=args.minutes, stop_file=args.stop_file,
                            visualize_attention=args.visualize_attention,
-                           save_visualizations=args.save_visualizations)
+                           save_visualizations=args.save_visualizations, test_data=eval_data)
     if resume_path is not None:
         trainer.load_checkpoint(resume_path)
     elif args.load_checkpoint is not None:
@@ -271,11 +271,13 @@ def _setup_training(args: argparse.Namespace, ctx: DistContext):
 
 
 def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: DistContext, report: bool) -> int:
-    """Evaluate a checkpoint's EMA weights with the checkpoint's own config (eval.json in --run-dir)."""
+    """Evaluate a checkpoint's EMA weights (its live ones when it has no EMA) with the checkpoint's own config
+    on the test split (eval.json in --run-dir), with the mean training frame of the checkpoint's run
+    (``mean_frame.npy`` beside its ``checkpoints/``; computed from the training split when missing)."""
     from VRNN.cli import explicit_config_flags
     from VRNN.dmc_vb_transition_dynamics_trainer import write_json_atomic
     from VRNN.dpgmm_stickbreaking_prior_vrnn import DPGMMVariationalRecurrentAutoencoder
-    from VRNN.evaluation import evaluate
+    from VRNN.evaluation import MEAN_FRAME_FILE, evaluate, load_or_compute_mean_frame
     from VRNN.training_checkpoints import RUN_ONLY_FIELDS
     from VRNN.vrnn_utilities import CheckpointError, load_checkpoint
 
@@ -290,7 +292,8 @@ def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: D
     if clash:
         raise CheckpointError("checkpoint " + str(args.load_checkpoint) + " was trained with other values of "
                               + ", ".join(f"{k} (checkpoint {a!r}, flag {b!r})" for k, (a, b) in sorted(clash.items())))
-    eval_path = ensure_dataset(config, args.data_dir, ctx).test  # every rank: it may wait on a barrier
+    splits = ensure_dataset(config, args.data_dir, ctx)  # every rank: it may wait on a barrier
+    eval_path = splits.test
     if not ctx.is_main:
         return 0
     eval_data = load_eval_dataset(config, eval_path)
@@ -300,12 +303,17 @@ def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: D
     run_dir = args.run_dir if args.run_dir is not None else Path(args.load_checkpoint).resolve().parent.parent / "eval_only"
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = DPGMMVariationalRecurrentAutoencoder.from_checkpoint(args.load_checkpoint, map_location=ctx.device,
-                                                                 use_ema=payload.get("ema") is not None)
+    # The EMA weights when the checkpoint has them (from_checkpoint's default), else the live ones.
+    model = DPGMMVariationalRecurrentAutoencoder.from_checkpoint(args.load_checkpoint, map_location=ctx.device)
     model.to(ctx.device).eval()
+    source_run = Path(args.load_checkpoint).resolve().parent.parent
+    mean_path = source_run / MEAN_FRAME_FILE if (source_run / MEAN_FRAME_FILE).is_file() else run_dir / MEAN_FRAME_FILE
+    mean_frame = load_or_compute_mean_frame(
+        mean_path, None if mean_path.is_file() else DMCVBDataset(splits.train, config.sequence_length, scale="float"))
     # Passed as ``ema`` so that eval.json reads exactly as the training run's (which evaluates the EMA).
     result = {"step": int(payload.get("step", 0)),
-              **evaluate(model, eval_data, config, device=ctx.device, ema=model)}
+              **evaluate(model, eval_data, config, device=ctx.device,
+                         ema=model if payload.get("ema") is not None else None, mean_frame=mean_frame, split="test")}
     write_json_atomic(run_dir / "eval.json", result)
     if report or args.visualize_attention or args.save_visualizations:
         _write_outputs(run_dir, model, eval_data, config, result)
@@ -314,10 +322,22 @@ def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: D
 
 
 def _write_outputs(run_dir: Path, model, eval_data, config: AIMEConfig, evaluation: dict) -> None:
-    """All plots and report.md of a finished run (rank 0)."""
-    from VRNN.dmc_vb_transition_dynamics_trainer import make_plots
-    from VRNN.evaluation import write_report
+    """All plots and report.md of a finished run (rank 0), on ``eval_data``, the test split.
 
-    plots = make_plots(model, eval_data, config, Path(run_dir) / "plots", evaluation, Path(run_dir) / "metrics.jsonl")
+    ``evaluation`` is the run's final test evaluation; when it is not one (training ended while the last
+    periodic validation evaluation ran, so no final one followed) the test split is evaluated here with
+    ``model`` (the EMA weights) and ``eval.json`` written."""
+    from VRNN.dmc_vb_transition_dynamics_trainer import make_plots, write_json_atomic
+    from VRNN.evaluation import MEAN_FRAME_FILE, evaluate, load_or_compute_mean_frame, write_report
+
+    run_dir = Path(run_dir)
+    if evaluation.get("split") != "test":
+        logger.info("the last evaluation was on the %s split: evaluating the test split for eval.json and the report",
+                    evaluation.get("split") or "(none)")
+        mean_frame = load_or_compute_mean_frame(run_dir / MEAN_FRAME_FILE)   # written by the trainer's evaluation
+        evaluation = {"step": evaluation.get("step"),
+                      **evaluate(model, eval_data, config, ema=model, mean_frame=mean_frame, split="test")}
+        write_json_atomic(run_dir / "eval.json", evaluation)
+    plots = make_plots(model, eval_data, config, run_dir / "plots", evaluation, run_dir / "metrics.jsonl")
     report = write_report(run_dir, evaluation, plots, config)
     logger.info("report written to %s", report)

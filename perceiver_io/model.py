@@ -74,8 +74,9 @@ class CausalPerceiverIO(nn.Module):
 
         video [B,T,3,H,W], T >= 2 -> dict(``context`` [B,T,C] (c_t depends on x_1..x_t, differentiable),
         ``total``, ``recon``, ``commitment``, ``next_token_ce``, ``accuracy`` (fraction of next-frame
-        tokens whose argmax code is right, no grad), ``codebook_perplexity`` (exp entropy of this batch's
-        code usage, no grad)); all but ``context`` are scalars. Updates the codebook when training.
+        tokens whose argmax code is right, no grad), ``copy_accuracy`` (the same for the guess "frame t+1
+        has frame t's codes", the baseline ``accuracy`` must beat), ``codebook_perplexity`` (exp entropy of
+        this batch's code usage, no grad)); all but ``context`` are scalars. Updates the codebook when training.
         """
         video = self._prepare(video, min_frames=2)
         b, t = video.shape[:2]
@@ -89,14 +90,15 @@ class CausalPerceiverIO(nn.Module):
         ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(),
                              label_smoothing=self.config.label_smoothing)
         accuracy = (logits.detach().argmax(-1) == targets).float().mean()
+        copy_accuracy = (enc["indices"].view(b, t, -1)[:, :-1] == targets).float().mean()
         total = recon_loss + enc["commitment"] + self.config.next_token_weight * ce
         return {"context": enc["context"], "total": total, "recon": recon_loss,
                 "commitment": enc["commitment"], "next_token_ce": ce, "accuracy": accuracy,
-                "codebook_perplexity": enc["perplexity"]}
+                "copy_accuracy": copy_accuracy, "codebook_perplexity": enc["perplexity"]}
 
     def compute_loss(self, video: Tensor) -> dict[str, Tensor]:
         """video [B,T,3,H,W], T >= 2 -> dict(total, recon, commitment, next_token_ce, accuracy,
-        codebook_perplexity), scalars; `forward` without the context."""
+        copy_accuracy, codebook_perplexity), scalars; `forward` without the context."""
         out = self.forward(video)
         out.pop("context")
         return out

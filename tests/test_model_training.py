@@ -134,7 +134,7 @@ def test_checkpoint_round_trip(tmp_path):
             p.mul_(1.1)
     path = model.save(tmp_path / "ckpt.pt", ema=ema.module, step=7)
     assert load_checkpoint(path)["step"] == 7
-    loaded = DPGMMVariationalRecurrentAutoencoder.from_checkpoint(path)
+    loaded = DPGMMVariationalRecurrentAutoencoder.from_checkpoint(path, use_ema=False)
     assert loaded.config == model.config and loaded.action_dim == A
     model.eval()
     loaded.eval()
@@ -147,6 +147,8 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(model._out[key], loaded._out[key]), key
     from_ema = DPGMMVariationalRecurrentAutoencoder.from_checkpoint(path, use_ema=True)
     assert _same_state(_state(from_ema), _state(ema.module))
+    default = DPGMMVariationalRecurrentAutoencoder.from_checkpoint(path)        # EMA when present
+    assert _same_state(_state(default), _state(ema.module))
 
     # Mismatches are refused with the offending keys named.
     payload = load_checkpoint(path)
@@ -154,7 +156,7 @@ def test_checkpoint_round_trip(tmp_path):
     payload.pop("format_version")
     save_checkpoint(tmp_path / "broken.pt", payload)
     with pytest.raises(CheckpointError, match="decoder.fc.0.weight"):
-        DPGMMVariationalRecurrentAutoencoder.from_checkpoint(tmp_path / "broken.pt")
+        DPGMMVariationalRecurrentAutoencoder.from_checkpoint(tmp_path / "broken.pt", use_ema=False)
     payload = load_checkpoint(path)
     payload.pop("format_version")
     payload["config"]["latent_dim"] = 5
@@ -165,5 +167,11 @@ def test_checkpoint_round_trip(tmp_path):
     save_checkpoint(tmp_path / "no_ema.pt", payload)
     with pytest.raises(CheckpointError, match="EMA"):
         DPGMMVariationalRecurrentAutoencoder.from_checkpoint(tmp_path / "no_ema.pt", use_ema=True)
+    payload = load_checkpoint(path)
+    payload.pop("format_version")
+    payload["ema"] = None
+    save_checkpoint(tmp_path / "live_only.pt", payload)
+    live = DPGMMVariationalRecurrentAutoencoder.from_checkpoint(tmp_path / "live_only.pt")  # no EMA: live weights
+    assert _same_state(_state(live), _state(model))
     with pytest.raises(CheckpointError, match="does not exist"):
         DPGMMVariationalRecurrentAutoencoder.from_checkpoint(tmp_path / "missing.pt")

@@ -81,7 +81,11 @@ def test_forward_shapes_at_64x64_and_losses_finite():
     logits, indices = model.next_token_logits(video)
     assert logits.shape == (2, 3, 256, cfg.num_codes) and indices.shape == (2, 3, 16, 16)
     assert set(model.compute_loss(video)) == {"total", "recon", "commitment", "next_token_ce", "accuracy",
-                                              "codebook_perplexity"}
+                                              "copy_accuracy", "codebook_perplexity"}
+    model.eval()                                   # the codebook stays as it is from here on
+    codes = model.next_token_logits(video)[1].flatten(2)
+    copy = (codes[:, :-1] == codes[:, 1:]).float().mean().item()
+    assert model(video)["copy_accuracy"].item() == pytest.approx(copy)
     assert model.predict_next_frames(video).shape == video.shape
 
 
