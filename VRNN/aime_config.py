@@ -162,6 +162,11 @@ class AIMEConfig:
         for name in ("latent_dim", "hidden_dim", "context_dim", "attention_dim", "action_dim", "batch_size",
                      "num_slots", "attention_resolution", "kl_samples", "taylor_terms", "n_critic"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "a positive integer")
+        # Intervals and counts of the training loop: 0 would divide by zero or never stop.
+        for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_steps",
+                     "max_nonfinite_steps", "eval_windows"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "a positive integer")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "0 or a positive integer")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in [0, 1)")
         if isinstance(self.adam_betas, list):  # JSON gives lists; keep the dataclass hashable

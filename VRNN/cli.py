@@ -15,12 +15,21 @@ Usage in a script::
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from VRNN.aime_config import PRESETS, AIMEConfig
 
-__all__ = ["add_training_flags", "build_parser", "config_from_args", "default_data_dir", "explicit_config_flags"]
+__all__ = [
+    "RESUME_CHANGEABLE",
+    "add_training_flags",
+    "build_parser",
+    "config_from_args",
+    "default_data_dir",
+    "explicit_config_flags",
+    "given_flags",
+]
 
 # Command-line flag -> AIMEConfig field. Flags not listed here are run options, not hyperparameters.
 CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -54,6 +63,29 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--keep-checkpoints": ("keep_checkpoints", int, "numbered checkpoints kept beside latest.pt and best.pt"),
     "--max-nonfinite-steps": ("max_nonfinite_steps", int, "stop after this many non-finite steps in a row"),
     "--num-workers": ("num_workers", int, "DataLoader worker processes per rank"),
+}
+
+
+# Flags that ``--resume`` accepts with values other than the run's own. None of them changes the weights
+# the run trains to (the data order, the schedules and the random streams are those of the checkpoint);
+# they say where and how long this session runs, where the dataset now is, and how often it logs,
+# evaluates and saves. Every other flag typed with --resume must equal the run's value (config.json / the
+# checkpoint), or the resume is refused with the list of differing fields.
+RESUME_CHANGEABLE: dict[str, str] = {
+    "--minutes": "the budget of this session (default: the run's own --minutes, counted afresh)",
+    "--device": "where this session runs",
+    "--threads": "CPU threads of this session",
+    "--stop-file": "the stop file of this session",
+    "--data-dir": "where the run's dataset is now (default: the run's own; a warning when it differs)",
+    "--tensorboard": "also log to TensorBoard (default: as the run did)",
+    "--visualize-attention": "attention plots at each evaluation (default: as the run did)",
+    "--save-visualizations": "keep every evaluation's plots (default: as the run did)",
+    "--log-every": "metrics.jsonl interval",
+    "--eval-every": "evaluation interval",
+    "--checkpoint-every": "checkpoint interval",
+    "--keep-checkpoints": "numbered checkpoints kept",
+    "--max-nonfinite-steps": "non-finite steps in a row before the run stops",
+    "--load-checkpoint": "ignored once the run has a checkpoint of its own (a warm start otherwise)",
 }
 
 
@@ -92,7 +124,12 @@ def build_parser(description: str, argv: Sequence[str] | None = None) -> argpars
 def add_training_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of the scripts that train the world model (main.py, training_vrnn.py)."""
     parser.add_argument("--resume", action="store_true",
-                        help="continue from <run-dir>/checkpoints/latest.pt when it exists")
+                        help="continue the run in --run-dir from its newest intact checkpoint, with the run's own "
+                             "config (config.json, the checkpoint) and launch options (run.json: preset, data dir, "
+                             "budget); no other flag is needed. Flags that may differ from the run's: "
+                             + ", ".join(RESUME_CHANGEABLE) + ". Any other flag given with a different value is "
+                             "refused (exit 2) with the list of differing fields. A run dir without a checkpoint "
+                             "or config.json starts from step 0 with the flags given")
     parser.add_argument("--eval-only", action="store_true",
                         help="skip training; evaluate the checkpoint given by --load-checkpoint")
     parser.add_argument("--load-checkpoint", type=Path, default=None,
@@ -118,6 +155,21 @@ def explicit_config_flags(parser: argparse.ArgumentParser, args: argparse.Namesp
     """The config fields whose command-line value differs from the preset default (set by the user)."""
     return {name: getattr(args, name) for name, _, _ in CONFIG_FLAGS.values()
             if getattr(args, name) != parser.get_default(name)}
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> dict[str, str]:
+    """``{dest: option string}`` of every flag typed in ``argv`` (default ``sys.argv[1:]``), whatever its
+    value: unlike ``explicit_config_flags``, a flag typed with its default value counts."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    by_option = {option: action.dest for action in parser._actions for option in action.option_strings}
+    found: dict[str, str] = {}
+    for token in argv:
+        if token == "--":
+            break
+        option = token.split("=", 1)[0]
+        if option.startswith("--") and option in by_option:
+            found[by_option[option]] = option
+    return found
 
 
 def config_from_args(args: argparse.Namespace, **extra: object) -> AIMEConfig:

@@ -50,12 +50,19 @@ from VRNN.ddp_utils import (
     make_grad_reduce_hook,
 )
 from VRNN.dmc_dataset import DMCVBDataset
+from VRNN.fault_points import fault_point
 from VRNN.grad_diagnostics import TASK_LOSS_KEYS, GradDiagnostics
 from VRNN.metrics_log import MetricsLogger, to_jsonable
 from VRNN.resumable_sampler import ResumableBatchSampler
 from VRNN.schedules import adversarial_weight_at, beta_at, kl_warmup_at, make_lr_scheduler
 from VRNN.stop_control import StopController
-from VRNN.training_checkpoints import CheckpointManager, all_finite, check_compatible
+from VRNN.training_checkpoints import (
+    CheckpointManager,
+    CheckpointWriteError,
+    all_finite,
+    check_compatible,
+    require_training_state,
+)
 from VRNN.vrnn_utilities import get_rng_state, load_checkpoint, set_rng_state
 
 __all__ = [
@@ -201,23 +208,38 @@ class DMCVBTrainer:
 
     def save_checkpoint(self, best: bool = False) -> Path | None:
         """Write the checkpoint of the current step on rank 0; refuses (returns None) if the model or its
-        EMA holds a non-finite value, so a good checkpoint is never replaced by a broken one."""
+        EMA holds a non-finite value, so a good checkpoint is never replaced by a broken one.
+
+        Raises ``CheckpointWriteError`` (one line: the step, the folder, the reason, the last complete
+        checkpoint) when the file cannot be written, e.g. on a full disk; the earlier files stay intact.
+        """
         path = None
         if self.dist.is_main:
             if not (all_finite(self.model.state_dict()) and all_finite(self.ema.module.state_dict())):
                 logger.error("step %d: the model holds non-finite values; checkpoint NOT written "
                              "(the last good one is %s)", self.step, self.last_checkpoint)
             else:
-                path = self.checkpoints.save(self.state_dict(), self.step, best=best)
+                try:
+                    path = self.checkpoints.save(self.state_dict(), self.step, best=best)
+                except OSError as exc:
+                    raise CheckpointWriteError(
+                        exc.errno, f"the checkpoint of step {self.step} could not be written to "
+                        f"{self.checkpoints.dir} ({exc.strerror or exc}); the last complete checkpoint "
+                        f"{self.last_checkpoint or '(none yet)'} is intact") from exc
                 self.last_checkpoint = path
         barrier()
+        self._checkpoint_step = self.step  # on every rank, so that all of them skip or repeat a save alike
         return path
 
     def load_checkpoint(self, path: str | Path, training_state: bool = True) -> dict[str, Any]:
         """Load a checkpoint of this config and action size (``CheckpointError`` naming the differing
-        fields otherwise). ``training_state=False`` loads only the model and EMA weights (warm start)."""
+        fields otherwise). ``training_state=False`` loads only the model and EMA weights (warm start);
+        resuming (``training_state=True``) a file without optimiser state, such as ``model.save()``
+        writes, is a ``CheckpointError`` that says so."""
         payload = load_checkpoint(path, map_location=self.device)
         check_compatible(payload, self.config, self.action_dim, source=f"checkpoint {path}")
+        if training_state:
+            require_training_state(payload, path)
         self.model.load_state_dict(payload["model"])
         if payload.get("ema") is not None:
             self.ema.load_state_dict(payload["ema"])
@@ -233,6 +255,7 @@ class DMCVBTrainer:
             self.best_bits_per_dim = float(payload.get("best_bits_per_dim", math.inf))
             set_rng_state(payload["rng"])
             self.last_checkpoint = Path(path)
+            self._checkpoint_step = self.step
             if payload.get("world_size", 1) != self.dist.world_size:
                 logger.warning("checkpoint was written by %d processes, resuming on %d: the data order "
                                "continues but per-rank sampling noise differs", payload.get("world_size", 1),
@@ -463,16 +486,23 @@ class DMCVBTrainer:
                 elif self.step % c.checkpoint_every == 0 and self.step != target:  # the end saves anyway
                     self.save_checkpoint()
         finally:
+            pending = stop.signal_name  # a stop signal that arrived during the last step
             stop.close()
             bar.close()
             metrics.close()
         if self._window:
             metrics = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
             self._log(metrics, started, max(1, steps_done))
-        if reason in ("max_steps", "until", "budget") and evaluated_at != self.step:
-            self._evaluate_and_checkpoint()
-        elif evaluated_at != self.step:
+        finished = reason in ("max_steps", "until", "budget")
+        if finished and all_reduce_flag(pending is not None, "any"):
+            # Honour it like a stop inside the loop: checkpoint and return; a resume does the evaluation.
+            reason, finished = (f"signal:{pending}" if pending else "peer_stop"), False
+        if evaluated_at != self.step and getattr(self, "_checkpoint_step", None) != self.step:
+            # Before the final evaluation, so that a kill or a signal during it loses no training.
             self.save_checkpoint()
+        if finished and evaluated_at != self.step:
+            fault_point("final_evaluation", self.step)
+            self._evaluate_and_checkpoint()
         logger.info("training ended at step %d (%s)", self.step, reason)
         return TrainResult(self.step, reason, self.last_checkpoint, self.last_evaluation, self.nonfinite_total)
 

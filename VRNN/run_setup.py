@@ -10,8 +10,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import logging
+import math
+import os
+import re
+import signal
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +32,10 @@ from VRNN.hdf5_io import DataFileError, DataSplits, DiskFullError, find_splits
 
 __all__ = [
     "InputError",
+    "RUN_FILE",
     "build_model",
     "canonical_env",
+    "check_run_options",
     "ensure_dataset",
     "load_datasets",
     "load_eval_dataset",
@@ -38,6 +48,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TRAIN_FILE, EVAL_FILE = "train.h5", "eval.h5"
+# Beside config.json: how the run was launched (preset, data folder, budget, plot flags, command line), so
+# that ``--resume --run-dir R`` alone continues it.
+RUN_FILE = "run.json"
 
 
 def canonical_env(name: str) -> str:
@@ -48,9 +61,40 @@ def canonical_env(name: str) -> str:
 
 
 def prepare_config(args: argparse.Namespace) -> AIMEConfig:
-    """The run's config: preset + flags, with the canonical environment name."""
+    """The run's config: preset + flags, with the canonical environment name.
+
+    A value the config refuses is a ValueError that names the flag (``--checkpoint-every 0 is invalid:
+    expected a positive integer``)."""
     args.env = canonical_env(args.env)
-    return config_from_args(args)
+    try:
+        return config_from_args(args)
+    except ValueError as exc:
+        raise ValueError(_as_flag_message(str(exc))) from exc
+
+
+def _as_flag_message(message: str) -> str:
+    """``AIMEConfig.checkpoint_every=0 is invalid: ...`` -> ``--checkpoint-every 0 is invalid: ...``."""
+    from VRNN.cli import CONFIG_FLAGS
+
+    match = re.match(r"AIMEConfig\.(\w+)=(.+?) is invalid: (.*)$", message, re.DOTALL)
+    if match:
+        for flag, (name, _, _) in CONFIG_FLAGS.items():
+            if name == match[1]:
+                return f"{flag} {match[2]} is invalid: {match[3]}"
+    return message
+
+
+def check_run_options(args: argparse.Namespace) -> None:
+    """The flags that are not config fields: ``InputError`` naming the bad value, before anything is written."""
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+        raise InputError(f"--minutes {args.minutes:g} is invalid: expected a positive number of minutes "
+                         "(the wall-clock budget of training)")
+    if args.threads < 0:
+        raise InputError(f"--threads {args.threads} is invalid: expected 0 (torch's default) or a positive count")
+    if args.run_dir is not None and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
+        raise InputError(f"--run-dir {args.run_dir} is a file: expected a folder (new or a run to --resume)")
+    if args.resume and not args.eval_only and args.run_dir is None:
+        raise InputError("--resume needs --run-dir DIR: the run directory to continue")
 
 
 def ensure_dataset(config: AIMEConfig, data_dir: Path | None, ctx: DistContext,
@@ -109,10 +153,23 @@ def resolve_run_dir(env: str, run_dir: Path | None, ctx: DistContext) -> Path:
     return run_dir
 
 
-def write_config(run_dir: Path, config: AIMEConfig, ctx: DistContext) -> None:
-    """``<run_dir>/config.json`` (rank 0)."""
+def write_config(run_dir: Path, config: AIMEConfig, ctx: DistContext, launch: dict | None = None) -> None:
+    """``<run_dir>/config.json`` and, when given, ``<run_dir>/run.json`` (``launch``), each written to a
+    temporary name and renamed (rank 0)."""
     if ctx.is_main:
-        config.to_json(Path(run_dir) / "config.json")
+        _write_text_atomic(Path(run_dir) / "config.json", config.to_json() + "\n")
+        if launch is not None:
+            _write_text_atomic(Path(run_dir) / RUN_FILE, json.dumps(launch, indent=2, sort_keys=True) + "\n")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_datasets(config: AIMEConfig, train_path: Path, validation_path: Path, test_path: Path | None = None):
@@ -177,34 +234,57 @@ def build_model(config: AIMEConfig, action_dim: int, device: torch.device) -> to
 def run_job(argv: list[str] | None, description: str, report: bool) -> int:
     """Parse flags, then train (or evaluate with ``--eval-only``); ``report`` adds plots and report.md.
 
-    Exit codes: 0 done or stopped cleanly by a signal / budget / stop file (a SLURM requeue resumes),
-    2 bad input, 3 stopped by non-finite training.
+    Exit codes: 0 done, or stopped cleanly by a signal / the budget / the stop file with a checkpoint to
+    ``--resume`` from (a SLURM requeue resumes), also when the signal came during the final evaluation or
+    report; 2 bad input (flags, data, checkpoint) or a full disk, in one line, nothing written for bad
+    flags; 3 stopped by non-finite training; 128 + N when signal N stopped set-up or ``--eval-only``
+    before anything could be saved.
     """
-    from VRNN.cli import add_training_flags, build_parser
+    from VRNN.cli import add_training_flags, build_parser, given_flags
     from VRNN.ddp_utils import cleanup_distributed, init_distributed
+    from VRNN.stop_control import StopRequested, raise_on_stop_signals
     from VRNN.vrnn_utilities import setup_logging
 
     parser = build_parser(description, argv)
     add_training_flags(parser)
     args = parser.parse_args(argv)
-    if args.threads < 0:
-        parser.error(f"--threads {args.threads} is invalid: expected 0 (torch's default) or a positive count")
+    try:
+        check_run_options(args)
+    except InputError as exc:
+        setup_logging()
+        logger.error("%s", exc)
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)
     setup_logging(rank=ctx.rank)
     try:
-        if args.eval_only:
-            try:
-                return _eval_only(parser, args, ctx, report)
-            except _INPUT_ERRORS as exc:
-                raise InputError(str(exc)) from exc
-        return _train(args, ctx, report)
+        # Outside the training loop a stop signal raises StopRequested: a message, never a silent death.
+        with raise_on_stop_signals():
+            if args.eval_only:
+                try:
+                    return _eval_only(parser, args, ctx, report)
+                except _INPUT_ERRORS as exc:
+                    raise InputError(str(exc)) from exc
+            return _train(args, ctx, report, given_flags(parser, argv))
     except InputError as exc:
         logger.error("%s", exc)
         return 2
+    except StopRequested as stop:
+        what = "--eval-only" if args.eval_only else "the set-up, before any training step"
+        logger.warning("%s during %s: stopped; nothing of this session is saved", stop.signal_name, what)
+        return 128 + int(signal.Signals[stop.signal_name])
+    except OSError as exc:
+        if not _disk_full(exc):
+            raise
+        logger.error("the disk is full (%s); free some space and run the same command again", exc)
+        return 2
     finally:
         cleanup_distributed()
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class InputError(Exception):
@@ -216,36 +296,175 @@ class InputError(Exception):
 _INPUT_ERRORS = (ValueError, FileNotFoundError)
 
 
-def _train(args: argparse.Namespace, ctx: DistContext, report: bool) -> int:
+def _train(args: argparse.Namespace, ctx: DistContext, report: bool, given: dict[str, str] | None = None) -> int:
+    """Set up, train, evaluate and (``report``) write the plots and report.md; the exit code."""
     from VRNN.dmc_vb_transition_dynamics_trainer import NonFiniteTrainingError
+    from VRNN.fault_points import fault_point
+    from VRNN.stop_control import StopRequested
+    from VRNN.training_checkpoints import CheckpointWriteError
 
     try:
-        trainer, run_dir, eval_data, config = _setup_training(args, ctx)
+        trainer, run_dir, eval_data, config = _setup_training(args, ctx, given or {})
     except _INPUT_ERRORS as exc:
         raise InputError(str(exc)) from exc
+    again = f"python {_script_name()} --resume --run-dir {run_dir}"
     try:
         result = trainer.train()
     except NonFiniteTrainingError as exc:
         logger.error("%s", exc)
         return 3
+    except StopRequested as stop:
+        # The loop handles signals itself; this one came after it (final evaluation) or before it.
+        logger.warning("%s at step %d, outside the training loop (the final evaluation): stopped, no eval.json "
+                       "or report this time; the last complete checkpoint is %s. Finish with: %s",
+                       stop.signal_name, trainer.step, trainer.last_checkpoint, again)
+        return 0
+    except OSError as exc:
+        if not (_disk_full(exc) or isinstance(exc, CheckpointWriteError)):
+            raise
+        what = exc.strerror if isinstance(exc, CheckpointWriteError) else (
+            f"the disk is full ({exc}); the last complete checkpoint {trainer.last_checkpoint} is intact")
+        logger.error("%s. Free some space (or fix the folder's permissions), then continue with: %s", what, again)
+        return 2
     if result.interrupted:
-        logger.info("stopped by %s at step %d; checkpoint %s. Resume with --resume --run-dir %s",
-                    result.reason, result.step, result.checkpoint, run_dir)
+        logger.info("stopped by %s at step %d; checkpoint %s. Resume with: %s",
+                    result.reason, result.step, result.checkpoint, again)
         return 0
     if report and ctx.is_main:
-        _write_outputs(run_dir, trainer.ema.module, eval_data, config, result.evaluation or {})
+        try:
+            fault_point("report", result.step)
+            _write_outputs(run_dir, trainer.ema.module, eval_data, config, result.evaluation or {})
+        except (StopRequested, OSError) as exc:
+            if isinstance(exc, OSError) and not _disk_full(exc):
+                raise
+            why = f"{exc.signal_name} received" if isinstance(exc, StopRequested) else f"the disk is full ({exc})"
+            logger.warning("%s while drawing the plots and report.md: stopped; eval.json and checkpoint %s are "
+                           "complete. Redo the evaluation and report with: python VRNN/main.py --eval-only "
+                           "--load-checkpoint %s --data-dir %s --run-dir %s", why, result.checkpoint,
+                           Path(run_dir) / "checkpoints" / "latest.pt",
+                           args.data_dir if args.data_dir is not None else default_data_dir(config.env), run_dir)
+            return 0 if isinstance(exc, StopRequested) else 2
     if ctx.is_main:
         logger.info("run directory: %s", run_dir)
     return 0
 
 
-def _setup_training(args: argparse.Namespace, ctx: DistContext):
-    """(trainer, run_dir, eval dataset, config), resumed or warm-started as the flags say."""
+def _script_name() -> str:
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return f"VRNN/{name}" if name in ("main.py", "training_vrnn.py") else "VRNN/main.py"
+
+
+@dataclass
+class _Resume:
+    """What ``--resume`` continues: the run's config (with the changes allowed), its newest intact
+    checkpoint (``None``: killed before the first one), and its dataset folder."""
+
+    config: AIMEConfig
+    checkpoint: Path | None
+    data_dir: Path | None
+
+
+def _read_launch(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        launch = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        logger.warning("%s does not read (%s): using the flags given for the preset, data dir and budget", path, exc)
+        return {}
+    return launch if isinstance(launch, dict) else {}
+
+
+def _resume_state(args: argparse.Namespace, given: dict[str, str]) -> _Resume | None:
+    """The run in ``args.run_dir`` to continue, or ``None`` when it holds neither a checkpoint nor a
+    config.json (a new run). Only reads files. ``InputError`` lists every flag that differs from the
+    run's own value and may not (``cli.RESUME_CHANGEABLE``); the launch options the flags do not give
+    (data dir, budget, plot flags) are taken from run.json into ``args``."""
+    from VRNN.cli import CONFIG_FLAGS, RESUME_CHANGEABLE
+    from VRNN.training_checkpoints import find_resumable, require_training_state
+    from VRNN.vrnn_utilities import CheckpointError
+
+    run_dir = Path(args.run_dir)
+    found = find_resumable(run_dir / "checkpoints")
+    if found is not None:
+        checkpoint, payload = found
+        if "config" not in payload:
+            raise CheckpointError(f"{checkpoint} holds no config: it was not written by DMCVBTrainer")
+        require_training_state(payload, checkpoint)
+        saved, source = AIMEConfig.from_dict(payload["config"]), "checkpoint"
+    elif (run_dir / "config.json").is_file():
+        checkpoint, saved, source = None, AIMEConfig.from_json(run_dir / "config.json"), "config.json"
+    else:
+        return None
+    launch = _read_launch(run_dir)
+    config_names = {name for name, _, _ in CONFIG_FLAGS.values()}
+    differing, changes = [], {}
+    for dest, flag in given.items():
+        if dest in config_names or dest == "amp":
+            ours, theirs = getattr(args, dest), getattr(saved, dest)
+        elif dest == "env":
+            ours, theirs = canonical_env(args.env), saved.env
+        elif dest == "preset" and launch.get("preset"):
+            ours, theirs = args.preset, launch["preset"]
+        else:
+            continue  # run options: --run-dir, --resume and those of RESUME_CHANGEABLE
+        if ours == theirs:
+            continue
+        if flag in RESUME_CHANGEABLE:
+            changes[dest] = ours
+        else:
+            differing.append(f"{dest}: {source} {theirs!r}, this run {ours!r}")
+    if differing:
+        warm = f" (--load-checkpoint {checkpoint} warm-starts it from these weights)" if checkpoint else ""
+        raise InputError(f"--resume --run-dir {run_dir}: flags differ from the run's own values; differing fields: "
+                         + "; ".join(differing) + ". Drop them to continue the run as it was (only "
+                         + ", ".join(RESUME_CHANGEABLE) + " may change on resume), or start a new run in "
+                         f"another --run-dir{warm}.")
+    if changes:
+        logger.info("--resume: changing %s", ", ".join(f"{k} to {v!r}" for k, v in sorted(changes.items())))
+    data_dir = Path(launch["data_dir"]) if launch.get("data_dir") else None
+    if "data_dir" in given:
+        if data_dir is not None and Path(args.data_dir).resolve() != data_dir.resolve():
+            logger.warning("--data-dir %s differs from the run's own %s: training continues on %s",
+                           args.data_dir, data_dir, args.data_dir)
+        data_dir = Path(args.data_dir)
+    args.data_dir = data_dir
+    if "preset" not in given:
+        args.preset = launch.get("preset")  # None: a run from before run.json; its preset is unknown
+    for name in ("minutes", "tensorboard", "visualize_attention", "save_visualizations"):
+        if name not in given and name in launch:
+            setattr(args, name, launch[name])
+    if checkpoint is None:
+        logger.info("--resume: %s has config.json but no checkpoint yet; starting its run from step 0", run_dir)
+    return _Resume(saved.replace(**changes), checkpoint, data_dir)
+
+
+def _launch_record(args: argparse.Namespace, config: AIMEConfig) -> dict:
+    """What run.json keeps of this launch (``--resume`` reads it back)."""
+    data_dir = Path(args.data_dir) if args.data_dir is not None else default_data_dir(config.env)
+    return {"preset": args.preset, "data_dir": str(data_dir.resolve()), "minutes": args.minutes,
+            "tensorboard": bool(args.tensorboard), "visualize_attention": bool(args.visualize_attention),
+            "save_visualizations": bool(args.save_visualizations), "command": [_script_name(), *sys.argv[1:]]}
+
+
+def _setup_training(args: argparse.Namespace, ctx: DistContext, given: dict[str, str] | None = None):
+    """(trainer, run_dir, eval dataset, config), resumed or warm-started as the flags say.
+
+    With ``--resume`` the run's own config and launch options are read first (nothing is collected for
+    another environment); bad flags fail before anything is written."""
     from VRNN.dmc_vb_transition_dynamics_trainer import DMCVBTrainer
-    from VRNN.training_checkpoints import find_latest
+    from VRNN.training_checkpoints import remove_temporary_files
     from VRNN.vrnn_utilities import seed_everything
 
-    config = prepare_config(args)
+    resume = _resume_state(args, given or {}) if args.resume else None
+    if resume is None:
+        if args.resume:
+            logger.info("--resume: %s holds no run yet; starting a new one from step 0", args.run_dir)
+        config = prepare_config(args)
+    else:
+        config = resume.config
+        args.env = config.env
     if config.batch_size % ctx.world_size:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch and must divide by the "
                          f"number of processes ({ctx.world_size})")
@@ -253,20 +472,24 @@ def _setup_training(args: argparse.Namespace, ctx: DistContext):
     train_data, validation_data, eval_data = load_datasets(config, *splits)  # eval_data: the test split
     config = config.replace(action_dim=train_data.action_dim)
     run_dir = resolve_run_dir(config.env, args.run_dir, ctx)
-    resume_path = find_latest(run_dir / "checkpoints") if args.resume else None
-    if args.resume and resume_path is None:
-        logger.info("--resume: no checkpoint in %s yet; starting from step 0", run_dir / "checkpoints")
+    if ctx.is_main:
+        remove_temporary_files(run_dir / "checkpoints")
     seed_everything(config.seed)
     model = build_model(config, train_data.action_dim, ctx.device)
     trainer = DMCVBTrainer(model, train_data, validation_data, config, run_dir, device=ctx.device, dist=ctx,
                            tensorboard=args.tensorboard, minutes=args.minutes, stop_file=args.stop_file,
                            visualize_attention=args.visualize_attention,
                            save_visualizations=args.save_visualizations, test_data=eval_data)
-    if resume_path is not None:
-        trainer.load_checkpoint(resume_path)
+    if resume is not None and resume.checkpoint is not None:
+        if args.load_checkpoint is not None:
+            logger.warning("--load-checkpoint %s ignored: the run continues from its own checkpoint %s",
+                           args.load_checkpoint, resume.checkpoint)
+        trainer.load_checkpoint(resume.checkpoint)
+        if trainer.step >= config.max_steps:
+            logger.info("the run already reached max_steps=%d: redoing its final evaluation", config.max_steps)
     elif args.load_checkpoint is not None:
         trainer.load_checkpoint(args.load_checkpoint, training_state=False)
-    write_config(run_dir, config, ctx)
+    write_config(run_dir, config, ctx, launch=_launch_record(args, config))
     return trainer, run_dir, eval_data, config
 
 

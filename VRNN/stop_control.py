@@ -7,6 +7,11 @@ stop is pending raises ``KeyboardInterrupt`` (the usual way out of a hung proces
 
 The stop file exists for launchers whose signals do not reach the Python processes (``torchrun`` under
 ``srun`` on several nodes): creating the file asks every rank to stop at the next step boundary.
+
+Outside the training loop (set-up, the final evaluation, plots and report) the scripts run inside
+``raise_on_stop_signals()``: there a stop signal raises ``StopRequested``, which the scripts turn into a
+one-line message and a clean exit instead of a silent death (SIGTERM's default) or a traceback (SIGINT's).
+The training loop's ``StopController`` takes the signals over while it runs and hands them back after.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["STOP_SIGNALS", "StopController"]
+__all__ = ["STOP_SIGNALS", "StopController", "StopRequested", "raise_on_stop_signals"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +89,41 @@ class StopController:
         if self._deadline is None:
             return None
         return max(0.0, self._deadline - time.monotonic())
+
+
+class StopRequested(BaseException):
+    """A stop signal arrived outside the training loop (see ``raise_on_stop_signals``).
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so that an ``except Exception`` in evaluation or
+    plotting code cannot swallow it.
+    """
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"{signal_name} received")
+        self.signal_name = signal_name
+
+
+@contextmanager
+def raise_on_stop_signals() -> Iterator[None]:
+    """Within the block, the first SIGTERM / SIGINT / SIGUSR1 raises ``StopRequested`` (later ones while it
+    unwinds are logged and ignored); the previous handlers come back on exit. Outside the main thread,
+    where Python cannot install handlers, the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised: list[str] = []
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if raised:
+            logger.warning("%s received while stopping: already stopping", name)
+            return
+        raised.append(name)
+        raise StopRequested(name)
+
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
