@@ -107,6 +107,7 @@ def step_section(preset: str, batch: int | None, seq: int | None, device: str, r
     times = harness.time_steps(repeats, warmup=0)
     peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
             else model_step._maxrss_mib() - rss_before)
+    phases = harness.phase_times()
     prof = harness.profile_step()
     step_s = _median(times)
     preset_cfg = trainer_step.AIMEConfig.preset(preset)
@@ -124,7 +125,7 @@ def step_section(preset: str, batch: int | None, seq: int | None, device: str, r
         "peak_memory_mib": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if dev.type == "cuda"
         else "growth of the process peak RSS (ru_maxrss) from the built trainer through the timed steps",
-        "profile": prof, "profiler_overhead": prof["profiled_step_s"] / step_s,
+        "profile": prof, "profiler_overhead": prof["profiled_step_s"] / step_s, "phases_unprofiled": phases,
         "skipped_steps": harness.skipped,
     }
     if dev.type == "cuda":
@@ -383,11 +384,19 @@ def top_ops_table(results: dict[str, Any], n: int = 8) -> str:
 
 
 def compare_table(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """after / before for every headline figure both runs have; a step measured at another B x T is flagged."""
     a, b = old.get("ratios", {}), new.get("ratios", {})
     rows = ["| figure | before | after | after / before |", "| --- | --- | --- | --- |"]
     for key in b:
         if key in a and a[key]:
-            rows.append(f"| {key} | {_fmt(a[key])} | {_fmt(b[key])} | {_fmt(b[key] / a[key])} |")
+            note = ""
+            preset = key.split(".")[0] if "." in key else None
+            if preset:
+                s_old, s_new = old.get("steps", {}).get(preset, {}), new.get("steps", {}).get(preset, {})
+                shape_old, shape_new = (s_old.get("batch"), s_old.get("seq")), (s_new.get("batch"), s_new.get("seq"))
+                if shape_old != shape_new:
+                    note = f" (B, T {shape_old} before, {shape_new} after)"
+            rows.append(f"| {key}{note} | {_fmt(a[key])} | {_fmt(b[key])} | {_fmt(b[key] / a[key])} |")
     return "\n".join(rows)
 
 

@@ -204,6 +204,36 @@ class TrainerHarness:
         result["profiled_step_s"] = wall
         return result
 
+    def phase_times(self) -> dict[str, Any]:
+        """One step without the profiler, its phases timed by the same wrappers (perf_counter): a check on
+        the profiler's shares, which the profiler's per-op overhead tilts towards many-small-op parts."""
+        spent: dict[str, float] = defaultdict(float)
+
+        @contextlib.contextmanager
+        def timer(label: str):
+            sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                sync(self.device)
+                spent[label[len(PHASE_PREFIX):]] += time.perf_counter() - t0
+
+        with instrument(self.trainer, scope=timer, modules=False):
+            t0 = time.perf_counter()
+            self.step()
+            wall = time.perf_counter() - t0
+        phases = {
+            "forward (compute_total_loss)": spent["forward"],
+            "per-task gradients (aggregator.backward less aggregate)": spent["task_gradients"] - spent["aggregate"],
+            "aggregator (aggregate)": spent["aggregate"],
+            "optimiser (clip, AdamW, schedule)": spent["optimizer"],
+            "discriminator step (less its backward)": spent["disc_forward"] + spent["disc_optimizer"],
+            "EMA update": spent["ema"],
+        }
+        phases["rest (discriminator backward, trainer glue)"] = max(0.0, wall - sum(phases.values()))
+        return {"step_s": wall, "seconds": phases, "shares": {k: v / wall for k, v in phases.items()}}
+
     def close(self) -> None:
         self._tmp.cleanup()
 
@@ -211,15 +241,17 @@ class TrainerHarness:
 # ---------------------------------------------------------------------------------------------------
 # Instrumentation (installed only around the profiled step, removed afterwards)
 @contextlib.contextmanager
-def instrument(trainer: Any) -> Iterator[None]:
+def instrument(trainer: Any, scope: Callable[[str], Any] = record_function, modules: bool = True) -> Iterator[None]:
+    """Phase scopes around the trainer's collaborators (``scope(label)`` context managers: profiler
+    ``record_function`` by default) and, with ``modules``, a profiler scope around every submodule's forward."""
     undo: list[Callable[[], None]] = []
     try:
         model = getattr(trainer, "model", None)
-        modules = [model] if isinstance(model, torch.nn.Module) else []
+        roots = [model] if isinstance(model, torch.nn.Module) else []
         ema = getattr(getattr(trainer, "ema", None), "module", None)
         if isinstance(ema, torch.nn.Module):
-            modules.append(ema)
-        for root in modules:
+            roots.append(ema)
+        for root in roots if modules else []:
             undo.extend(_module_scopes(root))
         disc_params = {id(p) for p in getattr(trainer, "disc_params", [])}
         for obj_name, attr, label in (
@@ -231,13 +263,13 @@ def instrument(trainer: Any) -> Iterator[None]:
         ):
             obj = getattr(trainer, obj_name, None)
             if obj is not None:
-                undo.append(_wrap_attr(obj, attr, PHASE_PREFIX + label))
+                undo.append(_wrap_attr(obj, attr, PHASE_PREFIX + label, scope))
         clip = torch.nn.utils.clip_grad_norm_
 
         def scoped_clip(parameters, *args, **kwargs):
             params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
             label = "disc_optimizer" if params and id(params[0]) in disc_params else "optimizer"
-            with record_function(PHASE_PREFIX + label):
+            with scope(PHASE_PREFIX + label):
                 return clip(params, *args, **kwargs)
 
         torch.nn.utils.clip_grad_norm_ = scoped_clip
@@ -270,14 +302,14 @@ def _module_scopes(root: torch.nn.Module) -> list[Callable[[], None]]:
     return [h.remove for h in handles]
 
 
-def _wrap_attr(obj: Any, attr: str, label: str) -> Callable[[], None]:
+def _wrap_attr(obj: Any, attr: str, label: str, scope: Callable[[str], Any] = record_function) -> Callable[[], None]:
     original = getattr(obj, attr, None)
     if not callable(original):
         return lambda: None
     own = vars(obj).get(attr, _MISSING) if hasattr(obj, "__dict__") else _MISSING
 
     def wrapped(*args, **kwargs):
-        with record_function(label):
+        with scope(label):
             return original(*args, **kwargs)
 
     try:
