@@ -91,7 +91,11 @@ LOSS_PANELS: dict[str, tuple[str, ...]] = {
     "attention": ("attention_kl", "attention_dynamics_loss", "attention_diversity"),
     "discriminator": ("disc_loss", "real_score", "fake_score"),
     "schedules": ("beta", "lr", "learning_rate", "adversarial_weight"),
-    "prediction PSNR (dB)": ("eval/pred_psnr_mean", "eval/recon_psnr", "eval/copy_last_psnr_mean"),
+    "prediction PSNR (dB), validation": ("eval/pred_psnr_mean", "eval/recon_psnr", "eval/copy_last_psnr_mean",
+                                         "eval/train_mean_psnr_mean", "eval/pred_moving_psnr_mean",
+                                         "eval/train_mean_moving_psnr_mean"),
+    "controls, validation": ("eval/action_shuffle_ratio_mean", "eval/z_spread_ratio", "eval/perceiver_accuracy",
+                             "eval/perceiver_copy_accuracy"),
 }
 
 
