@@ -109,7 +109,8 @@ def build_parser(description: str, argv: Sequence[str] | None = None) -> argpars
     parser.add_argument("--preset", default=preset, choices=sorted(PRESETS),
                         help="size preset; every other default below comes from it")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="dataset folder holding train.h5 and eval.h5 (default: data/<env>)")
+                        help="data folder holding the train/ val/ test/ splits, or the old train.h5 and eval.h5 "
+                             "(default: data/<env>)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="output folder (default: runs/<env>/<timestamp>)")
     parser.add_argument("--minutes", type=float, default=None,

@@ -4,7 +4,7 @@
     python VRNN/run_perceiver_io_dmc_vb.py --env walker-walk --minutes 20 --run-dir runs/pio-walker
     python VRNN/run_perceiver_io_dmc_vb.py --env walker-walk --resume --run-dir runs/pio-walker
 
-The dataset (``train.h5`` / ``eval.h5`` in ``--data-dir``, default ``data/<env>``) is collected first when
+The dataset (``train/`` and ``test/``, or the old ``train.h5`` / ``eval.h5``, in ``--data-dir``) is collected first when
 missing. The model is `CausalPerceiverIO(PerceiverIOConfig.from_aime_config(preset))`, trained on
 tokenizer reconstruction + commitment + next-frame token cross-entropy with AdamW, warm-up + cosine
 learning rate and gradient clipping.

@@ -1,8 +1,8 @@
 """What ``VRNN/main.py`` and ``VRNN/training_vrnn.py`` share: from parsed flags to a ready run.
 
 1. the environment name in any spelling -> its canonical ``domain-task`` name;
-2. the dataset folder (default ``data/<env>``), collected on rank 0 when ``train.h5`` / ``eval.h5`` are
-   missing (the other ranks wait);
+2. the dataset folder (default ``data/<env>``: ``train/``, ``val/``, ``test/``, or the old ``train.h5`` /
+   ``eval.h5``), whose missing or unfinished splits rank 0 collects (the other ranks wait);
 3. the run directory (default ``runs/<env>/<timestamp>``, the same on every rank) with ``config.json``;
 4. the datasets and the model.
 """

@@ -8,7 +8,7 @@ steps, beside the ``sum`` aggregator's figure measured in the same run, and thei
     python benchmarks/aggregator_training.py --steps 100
     python benchmarks/aggregator_training.py --steps 100 --rgb-lambdas 1 10 --data-dir data/cheetah-run
 
-It collects a small cheetah-run dataset into --data-dir when ``train.h5`` is missing.
+It collects a small cheetah-run dataset into --data-dir when it holds no train split.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from multi_task_learning import get_aggregator
 from VRNN.aime_config import PRESETS, AIMEConfig
 from VRNN.collect_dmc import collect_dataset
 from VRNN.dmc_dataset import DMCVBDataset
+from VRNN.hdf5_io import find_splits
 from VRNN.dpgmm_stickbreaking_prior_vrnn import TASK_LOSS_KEYS, DPGMMVariationalRecurrentAutoencoder
 from VRNN.schedules import adversarial_weight_at, kl_warmup_at
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model size preset")
     parser.add_argument("--data-dir", type=Path, default=Path("data/cheetah-run"),
-                        help="folder with train.h5 (collected when missing)")
+                        help="data folder with a train split (train/ or the old train.h5; collected when missing)")
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps per aggregator")
     parser.add_argument("--rgb-lambdas", type=float, nargs="+", default=[1.0, 10.0],
                         help="RGB proximity weights to compare")
@@ -65,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = AIMEConfig.preset(args.preset)
-    if not (args.data_dir / "train.h5").is_file():
+    if find_splits(args.data_dir) is None:
         collect_dataset("cheetah-run", args.data_dir, episodes=8, eval_episodes=1, episode_length=200,
-                        policy="ou", seed=0, progress=False)
-    data = DMCVBDataset(args.data_dir / "train.h5", config.sequence_length)
+                        policy="ou", seed=0, progress=False, val_episodes=0)
+    data = DMCVBDataset(find_splits(args.data_dir).train, config.sequence_length)
 
     runs: list[tuple[str, str, dict]] = [("sum", "sum", {}), ("pcgrad", "pcgrad", {})]
     runs += [(f"rgb lambda={lam:g}", "rgb", {"lam": lam}) for lam in args.rgb_lambdas]
