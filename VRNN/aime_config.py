@@ -56,7 +56,7 @@ class AIMEConfig:
     use_squeeze_excitation: bool = True
 
     # Likelihood p(x_t | z_t, h_t, A_t)
-    likelihood: str = "mdl"              # "mdl" (discretised logistic mixture) | "gaussian"
+    likelihood: str = "gaussian"         # "gaussian" (docs/MODEL_CHANGES.md) | "mdl" (discretised logistic mixture)
     num_mixtures: int = 10               # logistic components per pixel (PixelCNN++ uses 10)
 
     # DPGMM prior
@@ -94,6 +94,21 @@ class AIMEConfig:
     adversarial_warmup_steps: int = 1000
     feature_matching_weight: float = 1.0
 
+    # Ablation switches (benchmarks/quality.py): each removes one pillar; max_components=1 is the
+    # single-Gaussian prior and aggregator="sum" the plain sum of task gradients
+    use_perceiver: bool = True           # False: no Perceiver context c_t and no Perceiver task
+    use_attention: bool = True           # False: no attention schema (uniform map, no s_t, no attention task)
+    use_discriminator: bool = True       # False: no adversarial task and no discriminator steps
+
+    # ----------------------------------------------------------------------------------------------
+    # KL guards of DreamerV3 (Hafner et al. 2023), docs/MODEL_CHANGES.md: KL_z is split into a term that
+    # trains only the prior (posterior held fixed) and one that trains only the posterior (prior held
+    # fixed), each clipped below at free_nats nats per frame, so the posterior is free to carry that much
+    # information before it pays, and the prior moves towards the posterior faster than the reverse.
+    free_nats: float = 1.0               # nats per frame below which KL_z costs nothing (0 disables)
+    kl_prior_scale: float = 0.5          # weight of the prior-training half (DreamerV3 "dyn": 0.5)
+    kl_posterior_scale: float = 0.1      # weight of the posterior-training half (DreamerV3 "rep": 0.1)
+
     # ----------------------------------------------------------------------------------------------
     # Loss weights (MODEL.md section 3); each is applied exactly once
     beta: float = 1.0                    # final KL weight after warm-up
@@ -127,6 +142,10 @@ class AIMEConfig:
     # sum's), 4.29 at lambda = 10 (1.06x), 4.17 with pcgrad (1.03x), 4.05 with the sum. lambda = 10 keeps
     # the angles near 0.13 rad.
     rgb_lambda: float = 10.0
+    # Tasks whose gradient on the shared parameters is below this fraction of the largest are left out of
+    # the aggregation and added plainly, so a task with a tiny gradient cannot rotate the others' update
+    # (issue 9: the attention task's ||g|| was 0.02 against 343 for the ELBO, yet it had an equal vote).
+    aggregator_min_relative_norm: float = 0.01
     rgb_alpha_steps: int = 3
     rgb_inner_lr: float = 0.2
     rgb_scale: str = "norm"              # "norm" | "unit"
@@ -153,7 +172,10 @@ class AIMEConfig:
                "'rgb', 'sum' or 'pcgrad'")
         _check(self.rgb_scale in ("norm", "unit"), "rgb_scale", self.rgb_scale, "'norm' or 'unit'")
         _check(self.policy in ("random", "ou", "sine"), "policy", self.policy, "'random', 'ou' or 'sine'")
-        _check(self.max_components >= 2, "max_components", self.max_components, "at least 2")
+        _check(self.max_components >= 1, "max_components", self.max_components, "at least 1")
+        _check(self.free_nats >= 0, "free_nats", self.free_nats, "a number >= 0")
+        _check(self.kl_prior_scale >= 0 and self.kl_posterior_scale >= 0, "kl_prior_scale/kl_posterior_scale",
+               (self.kl_prior_scale, self.kl_posterior_scale), "numbers >= 0")
         _check(self.image_size % 16 == 0, "image_size", self.image_size, "a multiple of 16")
         _check(self.val_episodes >= 0, "val_episodes", self.val_episodes, "0 or a positive integer")
         _check(self.sequence_length >= 2, "sequence_length", self.sequence_length, "at least 2")

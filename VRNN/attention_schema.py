@@ -221,13 +221,15 @@ class AttentionSchema(nn.Module):
 
         # Bottom-up posterior.
         self.features = FeaturePyramid(image_size, resolution, slot_dim, feature_channels or slot_dim)
-        self.slot_seed = nn.Sequential(nn.Linear(hidden_dim + context_dim, 2 * slot_dim), nn.SiLU(),
+        # The posterior reads the frame and c_t only (not h_t), so it runs batched over all B*T frames
+        # before the recurrent loop (docs/MODEL_CHANGES.md); MODEL.md seeded the slots from [h_t; c_t].
+        self.slot_seed = nn.Sequential(nn.Linear(context_dim, 2 * slot_dim), nn.SiLU(),
                                        nn.Linear(2 * slot_dim, num_slots * slot_dim))
         # A learned per-slot offset breaks the symmetry between slots that random initial slots break in
         # Locatello et al.; the seed MLP then moves the slots with the recurrent state.
         self.slot_embedding = nn.Parameter(torch.randn(num_slots, slot_dim))
         self.slot_attention = SlotAttention(slot_dim, iterations)
-        self.fusion_head = _MLP(slot_dim + hidden_dim, slot_dim, 1)
+        self.fusion_head = _MLP(slot_dim, slot_dim, 1)
         self.state_head = nn.Sequential(nn.Linear(slot_dim + 2, 2 * attention_dim), nn.SiLU(),
                                         nn.Linear(2 * attention_dim, attention_dim))
 
@@ -281,25 +283,22 @@ class AttentionSchema(nn.Module):
         return feats.reshape(b, t, self.num_positions, -1)
 
     # ------------------------------------------------------------------------------------------------
-    def posterior_step(self, feats: Tensor, h: Tensor, c: Tensor) -> dict[str, Tensor]:
-        """Bottom-up attention at one step.
+    def posterior_step(self, feats: Tensor, c: Tensor) -> dict[str, Tensor]:
+        """Bottom-up attention of N frames at once (any N: B at one step, or B*T for a whole window).
 
         Args:
-            feats: [B, R*R, slot_dim] from ``encode_features`` for x_t.
-            h: [B, H] LSTM state h_t.  c: [B, C] context c_t.
+            feats: [N, R*R, slot_dim] from ``encode_features``.  c: [N, C] context c_t of each frame.
         Returns dict:
-            map [B, R, R] (A_t, >= 0, sums to 1 over positions), slot_maps [B, S, R, R] (sum to 1 over S),
-            slot_features [B, S, slot_dim], fusion_weights [B, S], center [B, 2] (x, y) in (-1, 1),
-            state [B, attention_dim] (s_t).
+            map [N, R, R] (A_t, >= 0, sums to 1 over positions), slot_maps [N, S, R, R] (sum to 1 over S),
+            slot_features [N, S, slot_dim], fusion_weights [N, S], center [N, 2] (x, y) in (-1, 1),
+            state [N, attention_dim] (s_t).
         """
-        b = self._check_batch(feats, (self.num_positions, self.slot_dim), "feats", "[B, R*R, slot_dim]")
-        self._check_vector(h, b, self.hidden_dim, "h")
+        b = self._check_batch(feats, (self.num_positions, self.slot_dim), "feats", "[N, R*R, slot_dim]")
         self._check_vector(c, b, self.context_dim, "c")
         s, r = self.num_slots, self.resolution
-        slots = self.slot_seed(torch.cat([h, c], dim=-1)).reshape(b, s, self.slot_dim) + self.slot_embedding
+        slots = self.slot_seed(c).reshape(b, s, self.slot_dim) + self.slot_embedding
         slots, attn = self.slot_attention(feats, slots)
-        fusion_in = torch.cat([slots, h.unsqueeze(1).expand(b, s, -1)], dim=-1)
-        weights = self.fusion_head(fusion_in).squeeze(-1).softmax(dim=-1)
+        weights = self.fusion_head(slots).squeeze(-1).softmax(dim=-1)
         fused = torch.einsum("bs,bsn->bn", weights, attn)
         fused = fused / fused.sum(dim=-1, keepdim=True)
         center = fused @ self.grid

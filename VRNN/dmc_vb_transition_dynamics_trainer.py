@@ -160,13 +160,18 @@ class DMCVBTrainer:
 
         broadcast_module(self.model)  # identical initialisation on every rank
         self.gen_params = [p for p in model.generator_parameters() if p.requires_grad]
+        self.task_params = model.task_parameters() if hasattr(model, "task_parameters") else None
         self.disc_params = [p for p in model.discriminator_parameters() if p.requires_grad]
         c = config
         self.optimizer = torch.optim.AdamW(model.parameter_groups(c.learning_rate, c.weight_decay),
                                            lr=c.learning_rate, betas=tuple(c.adam_betas),
                                            weight_decay=c.weight_decay)
-        self.disc_optimizer = torch.optim.AdamW(self.disc_params, lr=c.disc_learning_rate,
-                                                betas=tuple(c.adam_betas), weight_decay=c.weight_decay)
+        # Without a discriminator (use_discriminator=False) its optimiser holds one unused placeholder, so
+        # that checkpoints keep one layout.
+        self._disc_placeholder = torch.nn.Parameter(torch.zeros(1, device=self.device), requires_grad=False)
+        self.disc_optimizer = torch.optim.AdamW(self.disc_params or [self._disc_placeholder],
+                                                lr=c.disc_learning_rate, betas=tuple(c.adam_betas),
+                                                weight_decay=c.weight_decay)
         self.scheduler = make_lr_scheduler(self.optimizer, c.warmup_steps, c.max_steps, c.min_lr_ratio)
         self.disc_scheduler = make_lr_scheduler(self.disc_optimizer, c.warmup_steps, c.max_steps, c.min_lr_ratio)
         # Per-task gradients by one vmapped backward pass only on GPU: on CPU it measured 3-4x slower than
@@ -308,7 +313,9 @@ class DMCVBTrainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            diag = self.aggregator.backward(task, self.gen_params)
+            # Each task's gradient over the parameters it trains; only the shared ones are aggregated.
+            diag = self.aggregator.backward(task, self.gen_params, task_params=self.task_params,
+                                            min_relative_norm=c.aggregator_min_relative_norm)
         except ValueError as exc:
             if "non-finite" not in str(exc):
                 raise
@@ -322,7 +329,7 @@ class DMCVBTrainer:
         self.scheduler.step()
 
         disc_scalars: dict[str, float] = {}
-        for _ in range(c.n_critic):
+        for _ in range(c.n_critic if self.disc_params else 0):
             with self._autocast():
                 d = self.model.discriminator_loss(obs, outputs)
             self.disc_optimizer.zero_grad(set_to_none=True)

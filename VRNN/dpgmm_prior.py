@@ -68,8 +68,9 @@ class DPGMMPrior(nn.Module):
                  alpha_samples: int = 4, random_stick_order: bool = False,
                  logvar_range: tuple[float, float] = (-8.0, 4.0)) -> None:
         super().__init__()
-        if max_components < 2:
-            raise ValueError(f"max_components={max_components} is invalid: expected at least 2")
+        if max_components < 1:
+            raise ValueError(f"max_components={max_components} is invalid: expected at least 1 (1 = a single "
+                             "Gaussian prior, no sticks)")
         hidden_dim = hidden_dim or max(64, input_dim)
         self.latent_dim, self.max_components = latent_dim, max_components
         self.alpha_a0, self.alpha_b0 = float(alpha_a0), float(alpha_b0)
@@ -146,33 +147,48 @@ class DPGMMPrior(nn.Module):
         return kl_gamma(params.alpha_shape, params.alpha_rate, self.alpha_a0, self.alpha_b0)
 
     def kl_z(self, post_mean: Tensor, post_logvar: Tensor, log_pi: Tensor, params: PriorParams,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Monte Carlo KL(q(z) || p(z)) with ``kl_samples`` reparameterised draws.
+             generator: torch.Generator | None = None, first_noise: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Monte Carlo KL(q(z) || p(z)) with ``kl_samples`` reparameterised draws, and its two balanced halves.
 
-        post_mean/post_logvar [B, D] -> (kl [B] nats, z [B, D] the first draw, used as z_t).
+        post_mean/post_logvar [N, D]; ``first_noise`` [N, D] (optional) is the standard-normal noise of the
+        draw used downstream as z_t, so that the estimate includes it. Returns, each [N] nats except z:
+        - ``kl``: the estimate (what bits/dim reports);
+        - ``kl_dyn``: the same value with the posterior (draws and density) held fixed: its gradient trains
+          only the prior (DreamerV3's dynamics loss);
+        - ``kl_rep``: the same value with the prior held fixed: its gradient trains only the posterior
+          (DreamerV3's representation loss). ``kl_dyn + kl_rep`` has the gradient of ``kl``;
+        - ``z`` [N, D]: the first draw.
         """
-        eps = torch.randn((max(1, self.kl_samples),) + tuple(post_mean.shape), generator=generator,
-                          dtype=post_mean.dtype, device=post_mean.device)
-        z = post_mean + torch.exp(0.5 * post_logvar) * eps  # [S, B, D]
+        shape = (max(1, self.kl_samples),) + tuple(post_mean.shape)
+        eps = torch.randn(shape, generator=generator, dtype=post_mean.dtype, device=post_mean.device)
+        if first_noise is not None:
+            eps = torch.cat([first_noise.unsqueeze(0).to(eps.dtype), eps[1:]], dim=0)
+        z = post_mean + torch.exp(0.5 * post_logvar) * eps  # [S, N, D]
         log_q = gaussian_log_prob(z, post_mean, post_logvar)
-        log_p = self.mixture_log_prob(z, log_pi, params.means, params.logvars)
-        return (log_q - log_p).mean(0), z[0]
+        fixed_prior = self.mixture_log_prob(z, log_pi.detach(), params.means.detach(), params.logvars.detach())
+        kl_rep = (log_q - fixed_prior).mean(0)
+        z_fixed = z.detach()
+        log_q_fixed = gaussian_log_prob(z_fixed, post_mean.detach(), post_logvar.detach())
+        kl_dyn = (log_q_fixed - self.mixture_log_prob(z_fixed, log_pi, params.means, params.logvars)).mean(0)
+        return kl_rep.detach(), kl_dyn, kl_rep, z[0]
 
     # ----------------------------------------------------------------------------------------------
     def step_terms(self, params: PriorParams, post_mean: Tensor, post_logvar: Tensor,
-                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Every per-step term of the prior for one time step (all [B] unless noted).
+                   generator: torch.Generator | None = None, first_noise: Tensor | None = None) -> dict[str, Tensor]:
+        """Every term of the prior for N steps at once (all [N] unless noted).
 
-        Returns kl_z, kl_sticks, kl_alpha, entropy (H(pi), nats), k_eff (exp H), active (count of
-        pi_k > 0.01), pi [B, K], log_pi [B, K], z [B, D] (the posterior draw used downstream).
+        Returns kl_z (the estimate, no gradient), kl_dyn / kl_rep (its balanced halves, see ``kl_z``),
+        kl_sticks, kl_alpha, entropy (H(pi), nats), k_eff (exp H), active (count of pi_k > 0.01),
+        pi [N, K], log_pi [N, K], z [N, D] (the first posterior draw).
         """
         log_pi = self.log_weights(params, sample=True, generator=generator)
-        kl_z, z = self.kl_z(post_mean, post_logvar, log_pi, params, generator)
+        kl_z, kl_dyn, kl_rep, z = self.kl_z(post_mean, post_logvar, log_pi, params, generator, first_noise)
         pi = log_pi.exp()
         entropy = -(pi * log_pi).sum(-1)
-        return {"kl_z": kl_z, "kl_sticks": self.kl_sticks(params), "kl_alpha": self.kl_alpha(params),
-                "entropy": entropy, "k_eff": entropy.exp(), "active": (pi > 0.01).to(pi.dtype).sum(-1),
-                "pi": pi, "log_pi": log_pi, "z": z}
+        return {"kl_z": kl_z, "kl_dyn": kl_dyn, "kl_rep": kl_rep, "kl_sticks": self.kl_sticks(params),
+                "kl_alpha": self.kl_alpha(params), "entropy": entropy, "k_eff": entropy.exp(),
+                "active": (pi > 0.01).to(pi.dtype).sum(-1), "pi": pi, "log_pi": log_pi, "z": z}
 
     @torch.no_grad()
     def _component_choice(self, log_pi: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from perceiver_io import CausalPerceiverIO, PerceiverIOConfig
 from VRNN.aime_config import AIMEConfig
-from VRNN.attention_schema import AttentionSchema
+from VRNN.attention_schema import AttentionSchema, center_of_mass
 from VRNN.dpgmm_prior import DPGMMPrior
 from VRNN.likelihoods import build_likelihood
 from VRNN.nvae import NVAEDecoder, NVAEEncoder
@@ -115,22 +115,24 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         self.pixel_dims = 3 * size * size
 
         self.encoder = NVAEEncoder(c.encoder_channels, size, c.use_squeeze_excitation, c.use_spectral_norm)
-        self.perceiver = CausalPerceiverIO(PerceiverIOConfig.from_aime_config(c))
+        self.perceiver = CausalPerceiverIO(PerceiverIOConfig.from_aime_config(c)) if c.use_perceiver else None
         attention = AttentionSchema(c.hidden_dim, c.context_dim, c.latent_dim, c.attention_dim,
                                     resolution=c.attention_resolution, num_slots=c.num_slots,
-                                    slot_dim=c.slot_dim, iterations=c.slot_iterations, image_size=size)
-        prior = DPGMMPrior(c.hidden_dim + c.context_dim, c.latent_dim, c.max_components, hidden_dim=c.hidden_dim,
+                                    slot_dim=c.slot_dim, iterations=c.slot_iterations,
+                                    image_size=size) if c.use_attention else None
+        prior = DPGMMPrior(c.hidden_dim, c.latent_dim, c.max_components, hidden_dim=c.hidden_dim,
                            alpha_a0=c.prior_alpha_a0, alpha_b0=c.prior_alpha_b0, taylor_terms=c.taylor_terms,
                            kl_samples=c.kl_samples, alpha_samples=c.alpha_samples,
                            random_stick_order=c.random_stick_order)
-        self.cell = VRNNCell(self.encoder.feature_dim, c.hidden_dim, c.context_dim, c.latent_dim, c.action_dim,
-                             attention, prior, lstm_layers=c.lstm_layers)
+        self.cell = VRNNCell(self.encoder.feature_dim, c.hidden_dim, c.context_dim if c.use_perceiver else 0,
+                             c.latent_dim, c.action_dim, attention, prior, lstm_layers=c.lstm_layers,
+                             attention_resolution=c.attention_resolution)
         self.likelihood = build_likelihood(c.likelihood, c.num_mixtures)
         self.decoder = NVAEDecoder(c.latent_dim + c.hidden_dim, self.likelihood.num_params, c.decoder_channels,
                                    size, c.use_squeeze_excitation, c.use_spectral_norm,
                                    out_bias=self.likelihood.initial_bias())
         self.discriminator = TemporalDiscriminator(c.latent_dim, c.disc_channels, c.img_disc_layers,
-                                                   c.disc_num_heads, image_size=size)
+                                                   c.disc_num_heads, image_size=size) if c.use_discriminator else None
         if device is not None:
             self.to(resolve_device(str(device)))
 
@@ -195,7 +197,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("discriminator.")]
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
-        return list(self.discriminator.parameters())
+        """The discriminator's parameters (empty with ``use_discriminator=False``)."""
+        return [] if self.discriminator is None else list(self.discriminator.parameters())
 
     def parameter_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups over ``generator_parameters()`` exactly once (MODEL.md §5): Perceiver x1.5 lr,
@@ -268,42 +271,115 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         return actions
 
     # ---------------------------------------------------------------------------------------------- forward
+    def _context(self, x: Tensor, perceiver_loss: bool) -> dict[str, Tensor]:
+        """The Perceiver's outputs for x [B, T, ...]: ``context`` [B, T, C] (and its losses with
+        ``perceiver_loss`` when T >= 2); a [B, T, 0] context without the Perceiver."""
+        if self.perceiver is None:
+            return {"context": x.new_zeros(x.shape[0], x.shape[1], 0)}
+        if perceiver_loss and x.shape[1] >= 2:
+            return self.perceiver(x)
+        return {"context": self.perceiver.extract_context(x)}
+
+    def _attention_posterior(self, frames: Tensor, context: Tensor, b: int, t: int) -> dict[str, Tensor] | None:
+        """Bottom-up attention of all B*T frames at once (it reads the frame and c_t, not h_t).
+        frames [B*T, 3, S, S], context [B, T, C] -> dict of [B, T, ...] (``None`` without attention)."""
+        attention = self.cell.attention
+        if attention is None:
+            return None
+        # c_t is an input the attention reads, not something the attention task should train.
+        post = attention.posterior_step(attention.encode_features(frames), context.detach().flatten(0, 1))
+        return {k: v.reshape(b, t, *v.shape[1:]) for k, v in post.items()}
+
     def _observe_loop(self, x: Tensor, actions: Tensor, is_first: Tensor | None,
                       generator: torch.Generator | None, perceiver_loss: bool,
                       posterior_mean: bool = False) -> tuple[dict, RecurrentState, dict]:
         """Batched encoders, then the causal loop over t. x [B, T, 3, S, S] in [-1, 1], actions [B, T, A].
         ``posterior_mean``: feed the posterior mean instead of a draw into the LSTM (deterministic filtering).
 
-        Returns (per-step stacks [B, T, ...], the state after the last step, batched extras)."""
+        Returns (per-step stacks [B, T, ...]: h, z, z_mean, z_logvar, noise; the state after the last step,
+        which carries z_T and A_T for the attention prior of step T+1; batched extras: perceiver outputs,
+        encoder maps, the attention posterior, is_first)."""
         b, t = x.shape[:2]
         frames = x.flatten(0, 1)
         feature, enc_maps = self.encoder(frames)
         feature = feature.view(b, t, -1)
-        att_feats = self.cell.attention.encode_features(frames).view(b, t, -1, self.config.slot_dim)
-        if perceiver_loss and t >= 2:
-            perc = self.perceiver(x)
-        else:
-            perc = {"context": self.perceiver.extract_context(x)}
+        perc = self._context(x, perceiver_loss)
         context = perc["context"]
+        att = self._attention_posterior(frames, context, b, t)
+        side = context if att is None else torch.cat([context, att["state"]], dim=-1)
         if is_first is not None:
             if tuple(is_first.shape) != (b, t):
                 raise ValueError(f"is_first must have shape [B={b}, T={t}], got {tuple(is_first.shape)}")
             is_first = is_first.to(self.device).bool()
 
+        # All posterior noise in one draw (the loop below is what MODEL.md §6 allows: small MLPs only).
+        noise = torch.randn((b, t, self.config.latent_dim), generator=generator, device=x.device, dtype=x.dtype)
         state = self.cell.initial_state(b)
-        steps: dict[str, list[Tensor]] = {}
+        hs, zs, means, logvars = [], [], [], []
         for i in range(t):
             state = self.cell.reset(state, None if is_first is None else is_first[:, i])
-            out = self.cell.observe(state, feature[:, i], att_feats[:, i], context[:, i], generator)
-            out["h"] = state.h
-            if posterior_mean:
-                out["z"] = out["z_mean"]
-            for key, value in out.items():
-                steps.setdefault(key, []).append(value)
-            state = self.cell.advance(state, out["z"], actions[:, i], context[:, i], out["s"], out["map"],
-                                      out["center"])
-        stacked = {k: torch.stack(v, dim=1) for k, v in steps.items()}
-        return stacked, state, {"perceiver": perc, "encoder_maps": enc_maps}
+            mean, logvar = self.cell.posterior_step(state, feature[:, i], side[:, i])
+            z = mean if posterior_mean else mean + torch.exp(0.5 * logvar) * noise[:, i].to(mean.dtype)
+            hs.append(state.h)
+            zs.append(z)
+            means.append(mean)
+            logvars.append(logvar)
+            state = self.cell.advance(state, z, actions[:, i])
+        stacked = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1), "z_mean": torch.stack(means, 1),
+                   "z_logvar": torch.stack(logvars, 1), "noise": noise}
+        if att is not None:
+            state.map_prev, state.center_prev = att["map"][:, -1], att["center"][:, -1]
+        return stacked, state, {"perceiver": perc, "encoder_maps": enc_maps, "attention": att, "is_first": is_first}
+
+    @staticmethod
+    def _previous(seq: Tensor, first: Tensor, is_first: Tensor | None) -> Tensor:
+        """seq [B, T, ...] shifted one step later: out[:, t] = seq[:, t-1], out[:, 0] = first [B, ...], and
+        ``first`` wherever is_first [B, T] marks an episode start."""
+        out = torch.cat([first.unsqueeze(1), seq[:, :-1]], dim=1)
+        if is_first is not None:
+            mask = is_first.view(*is_first.shape, *([1] * (seq.dim() - 2)))
+            out = torch.where(mask, first.unsqueeze(1).expand_as(out), out)
+        return out
+
+    def _prior_terms(self, steps: dict[str, Tensor], extras: dict[str, Any],
+                     generator: torch.Generator | None) -> dict[str, Tensor]:
+        """The DPGMM prior p(z_t | h_t) and the attention prior of every step, batched over B*T after the
+        loop. Returns [B, T, ...] tensors (the per-step terms of ``forward_sequence``)."""
+        h, z = steps["h"], steps["z"]
+        b, t = h.shape[:2]
+        flat = lambda v: v.flatten(0, 1)
+        params = self.cell.prior(flat(h))
+        terms = self.cell.prior.step_terms(params, flat(steps["z_mean"]), flat(steps["z_logvar"]), generator,
+                                           first_noise=flat(steps["noise"]))
+        out = {k: v.reshape(b, t, *v.shape[1:]) for k, v in terms.items() if k != "z"}
+        out.update(prior_means=params.means.reshape(b, t, *params.means.shape[1:]),
+                   prior_logvars=params.logvars.reshape(b, t, *params.logvars.shape[1:]),
+                   stick_a=params.kuma_a.reshape(b, t, -1), stick_b=params.kuma_b.reshape(b, t, -1),
+                   alpha_shape=params.alpha_shape.reshape(b, t), alpha_rate=params.alpha_rate.reshape(b, t))
+
+        att, is_first = extras["attention"], extras["is_first"]
+        attention = self.cell.attention
+        zeros = h.new_zeros(b, t)
+        if att is None:
+            uniform = self.cell.uniform_map(b * t).view(b, t, *self.cell.uniform_map(1).shape[1:])
+            out.update(map=uniform, prior_map=uniform, slot_maps=uniform.unsqueeze(2),
+                       center=h.new_zeros(b, t, 2), s=h.new_zeros(b, t, 0), attention_kl=zeros,
+                       attention_dynamics=zeros, attention_diversity=zeros)
+            return out
+        init = self.cell.initial_state(b)
+        prev_map = self._previous(att["map"], init.map_prev, is_first)
+        prev_center = self._previous(att["center"], init.center_prev, is_first)
+        prev_z = self._previous(z, init.z_prev, is_first)
+        # The attention prior reads h_t and z_{t-1} without training them: the state is the ELBO's.
+        prior = attention.prior_step(flat(prev_map), flat(h).detach(), flat(prev_z).detach())
+        # Stop-gradient on the posterior map: the KL trains the prior to predict the posterior, it does
+        # not pull the posterior towards the prior (which had collapsed both to the uniform map).
+        kl = attention.attention_kl(flat(att["map"]).detach(), prior["logits"]).view(b, t)
+        dyn = attention.dynamics_loss(prior["motion"], flat(prev_center), flat(att["center"])).view(b, t)
+        out.update(map=att["map"], prior_map=prior["map"].view(b, t, *prior["map"].shape[1:]),
+                   slot_maps=att["slot_maps"], center=att["center"], s=att["state"], attention_kl=kl,
+                   attention_dynamics=dyn, attention_diversity=attention.diversity(flat(att["slot_maps"])).view(b, t))
+        return out
 
     def _forward(self, obs: Any, actions: Any, is_first: Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -311,22 +387,24 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         b, t = x.shape[:2]
         a = self._prepare_actions(actions, b, t)
         steps, _, extras = self._observe_loop(x, a, is_first, generator, perceiver_loss=True)
+        terms = self._prior_terms(steps, extras, generator)
         # The decoder runs once over all B*T frames, on z_t, h_t and the attention PRIOR map.
         dec_in = torch.cat([steps["z"], steps["h"]], dim=-1).flatten(0, 1)
-        params = self.decoder(dec_in, steps["prior_map"].flatten(0, 1)).float()  # likelihood in float32
+        params = self.decoder(dec_in, terms["prior_map"].flatten(0, 1)).float()  # likelihood in float32
         frames = x.flatten(0, 1)
         recon_nats = -self.likelihood.log_prob(params, frames).view(b, t)
         mean_image = self.likelihood.mean(params).view_as(x)
+        perc = extras["perceiver"]
         outputs = {
             "reconstructions": mean_image, "latents": steps["z"], "z_means": steps["z_mean"],
-            "z_logvars": steps["z_logvar"], "hidden_states": steps["h"], "context": extras["perceiver"]["context"],
-            "pi": steps["pi"], "attention_maps": steps["map"], "attention_prior_maps": steps["prior_map"],
-            "slot_maps": steps["slot_maps"], "attention_centers": steps["center"], "attention_states": steps["s"],
-            "recon_nats": recon_nats, "cluster_entropy": steps["entropy"], "K_eff": steps["k_eff"],
-            "active_components": steps["active"],
+            "z_logvars": steps["z_logvar"], "hidden_states": steps["h"], "context": perc["context"],
+            "pi": terms["pi"], "attention_maps": terms["map"], "attention_prior_maps": terms["prior_map"],
+            "slot_maps": terms["slot_maps"], "attention_centers": terms["center"], "attention_states": terms["s"],
+            "recon_nats": recon_nats, "cluster_entropy": terms["entropy"], "K_eff": terms["k_eff"],
+            "active_components": terms["active"], "kl_dyn": terms["kl_dyn"], "kl_rep": terms["kl_rep"],
         }
-        outputs.update({k: steps[k] for k in _STEP_KEYS})
-        for key, value in extras["perceiver"].items():
+        outputs.update({k: terms[k] for k in _STEP_KEYS})
+        for key, value in perc.items():
             if key != "context":
                 outputs[f"perceiver_{key}"] = value
         extras["observations"] = x
@@ -395,43 +473,73 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
             gram = gram_anchor_loss(extras["encoder_maps"][-2:], anchor_maps[-2:])
         else:
             gram = recon.new_zeros(())
-        total_vae = lambda_recon * recon + beta * (kl_z + kl_sticks + kl_alpha) - entropy_weight * entropy \
+        # KL balancing and free nats (DreamerV3), per frame before the per-dimension scaling.
+        free = c.free_nats
+        kl_balanced = per_dim(c.kl_prior_scale * outputs["kl_dyn"].clamp(min=free)
+                              + c.kl_posterior_scale * outputs["kl_rep"].clamp(min=free))
+        total_vae = lambda_recon * recon + beta * (kl_balanced + kl_sticks + kl_alpha) - entropy_weight * entropy \
             + lambda_gram * gram
 
         t = x.shape[1]
+        zero = recon.new_zeros(())
         perc = extras["perceiver"]
-        perceiver_loss = perc["total"] if "total" in perc else recon.new_zeros(())
+        perceiver_loss = perc.get("total", zero)
         # The attention prior at t = 1 has no past map to predict from: KL and dynamics count from t = 2.
-        att_kl = outputs["attention_kl"][:, 1:].mean() if t > 1 else recon.new_zeros(())
-        att_dyn = outputs["attention_dynamics"][:, 1:].mean() if t > 1 else recon.new_zeros(())
+        if self.cell.attention is not None and t > 1:
+            att_kl = outputs["attention_kl"][:, 1:].mean()
+            att_dyn = outputs["attention_dynamics"][:, 1:].mean()
+        else:
+            att_kl = att_dyn = zero
         att_div = outputs["attention_diversity"].mean()
         attention_loss = beta * att_kl + lambda_att_dyn * att_dyn + lambda_div * att_div
 
-        z_cond = outputs["latents"].detach()
-        fake = self.discriminator(outputs["reconstructions"], z_cond)
-        with torch.no_grad():
-            real_feats = self.discriminator(x, z_cond)["features"]
-        adv = generator_loss(fake, c.disc_loss) + c.feature_matching_weight * feature_matching_loss(
-            real_feats, fake["features"])
+        if self.discriminator is not None:
+            z_cond = outputs["latents"].detach()
+            fake = self.discriminator(outputs["reconstructions"], z_cond)
+            with torch.no_grad():
+                real_feats = self.discriminator(x, z_cond)["features"]
+            adv = generator_loss(fake, c.disc_loss) + c.feature_matching_weight * feature_matching_loss(
+                real_feats, fake["features"])
+            fake_score = fake["frame_scores"].detach().mean()
+        else:
+            adv, fake_score = zero, zero
 
         losses = {
             "total_vae_loss": total_vae, "perceiver_loss": perceiver_loss, "attention_loss": attention_loss,
             "adversarial_loss": adversarial_weight * adv,
-            "recon_loss": recon, "kl_z": kl_z, "kl_sticks": kl_sticks, "kl_alpha": kl_alpha,
+            "recon_loss": recon, "kl_z": kl_z, "kl_z_balanced": kl_balanced.detach(),
+            "kl_z_nats_per_frame": outputs["kl_z"].mean(), "kl_sticks": kl_sticks, "kl_alpha": kl_alpha,
             "hierarchical_kl": kl_sticks + kl_alpha, "cluster_entropy": entropy, "attention_kl": att_kl,
             "attention_dynamics_loss": att_dyn, "attention_diversity": att_div, "gram_enc_loss": gram,
             "bits_per_dim": (recon + kl_z + kl_sticks + kl_alpha) / math.log(2.0),
             "K_eff": outputs["K_eff"].mean(), "active_components": outputs["active_components"].mean(),
-            "adversarial_raw": adv.detach(), "fake_score": fake["frame_scores"].detach().mean(),
+            "adversarial_raw": adv.detach(), "fake_score": fake_score,
         }
-        for key in ("recon", "commitment", "next_token_ce", "accuracy"):
+        for key in ("recon", "commitment", "next_token_ce", "accuracy", "copy_accuracy"):
             if key in perc:
                 losses[f"perceiver_{key}"] = perc[key]
         return losses, outputs
 
+    def task_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The generator parameters each task trains (its graph may reach others; it does not train them).
+
+        - ``total_vae_loss`` (ELBO): every generator parameter;
+        - ``perceiver_loss``: the Perceiver's;
+        - ``attention_loss``: the attention schema's (it reads h_t, z_{t-1} and c_t detached);
+        - ``adversarial_loss``: the decoder's: the adversarial task shapes the images, not the state.
+        Parameters listed under several tasks are the shared ones that a multi-task aggregator balances;
+        the others take their single task's gradient."""
+        gen = [p for p in self.generator_parameters() if p.requires_grad]
+        own = lambda module: [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        return {"total_vae_loss": gen, "perceiver_loss": own(self.perceiver),
+                "attention_loss": own(self.cell.attention),
+                "adversarial_loss": own(self.decoder) if self.discriminator is not None else []}
+
     def discriminator_loss(self, observations: Any, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """The discriminator's own loss: real windows vs. the detached reconstructions, both conditioned on
         the detached latents; plus gp_weight * gradient penalty for ``disc_loss="wgan-gp"``."""
+        if self.discriminator is None:
+            raise RuntimeError("this model has no discriminator (config.use_discriminator=False)")
         x = self._prepare_observations(observations)
         z = outputs["latents"].detach()
         fake_x = outputs["reconstructions"].detach()
@@ -466,8 +574,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         return steps["z_mean"]
 
     def extract_context(self, observations: Any) -> Tensor:
-        """The Perceiver context c_t [B, T, C] (causal, differentiable)."""
-        return self.perceiver.extract_context(self._prepare_observations(observations))
+        """The Perceiver context c_t [B, T, C] (causal, differentiable); [B, T, 0] without the Perceiver."""
+        return self._context(self._prepare_observations(observations), perceiver_loss=False)["context"]
 
     def generate_future_sequence(self, context_obs: Any, context_actions: Any, future_actions: Any,
                                  temperature: float = 1.0, generator: torch.Generator | None = None,
@@ -475,14 +583,17 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         """Imagine F frames after T0 observed ones (MODEL.md §4).
 
         context_obs [B, T0, 3, 64, 64], context_actions [B, T0, A] (the last one leads to the first imagined
-        frame), future_actions [B, F, A] (future_actions[:, j] is taken after imagined frame j). Each future
-        step samples z_t from the prior at ``temperature`` (0: mean of the most probable component, and the
-        context is filtered with posterior means, so the whole rollout is deterministic),
-        decodes the mean image, extends the Perceiver's frames with it for c_t, runs the attention posterior
-        on it for s_t and advances h. Runs in eval mode without gradients; weights are left untouched.
+        frame), future_actions [B, F, A] (future_actions[:, j] is taken after imagined frame j). The context
+        is filtered with the posterior; then each future step samples z_t from the prior p(z_t | h_t) at
+        ``temperature`` (0: mean of the most probable component, and the context is filtered with posterior
+        means, so the whole rollout is deterministic), decodes the mean image from (z_t, h_t) and the
+        attention prior's map, and advances h_{t+1} = LSTM([z_t; a_t], h_t). The imagined frames are not fed
+        back through the encoders: the recurrent state alone carries the world (docs/MODEL_CHANGES.md), so
+        imagination never runs the Perceiver on positions it was not trained on. The attention prior of the
+        next step reads this step's prior map as A_{t-1}. Eval mode, no gradients, weights untouched.
 
-        Returns frames [B, F, 3, 64, 64] in [-1, 1], latents [B, F, D], pi [B, F, K], attention_maps
-        [B, F, R, R] (posterior on the imagined frames), attention_prior_maps [B, F, R, R].
+        Returns frames [B, F, 3, 64, 64] in [-1, 1], latents [B, F, D], pi [B, F, K], hidden_states [B, F, H],
+        attention_prior_maps [B, F, R, R] and attention_maps (the same maps: the attention the model expects).
         """
         x = self._prepare_observations(context_obs, "context_obs")
         b, t0 = x.shape[:2]
@@ -491,23 +602,24 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
             shape = tuple(future_actions.shape) if isinstance(future_actions, Tensor) else type(future_actions).__name__
             raise ValueError(f"future_actions must have shape [B={b}, F, A={self.action_dim}], got {shape}")
         a_fut = self._prepare_actions(future_actions, b, future_actions.shape[1], "future_actions")
-        window = self.config.perceiver_max_seq_len
+        keys = ("frames", "latents", "pi", "hidden_states", "attention_prior_maps")
         with self._inference():
             _, state, _ = self._observe_loop(x, a_ctx, None, generator, perceiver_loss=False,
                                              posterior_mean=temperature <= 0)
-            video, out = x, {k: [] for k in ("frames", "latents", "pi", "attention_maps", "attention_prior_maps")}
+            out: dict[str, list[Tensor]] = {k: [] for k in keys}
             for j in range(a_fut.shape[1]):
                 params, att_prior = self.cell.prior_step(state)
                 z, pi = self.cell.prior.sample(params, temperature, generator)
-                frame = self.likelihood.mean(self.decoder(torch.cat([z, state.h], -1), att_prior["map"]))
-                video = torch.cat([video, frame.unsqueeze(1)], dim=1)[:, -window:]
-                context = self.perceiver.extract_context(video)[:, -1]
-                att = self.cell.attention.posterior_step(self.cell.attention.encode_features(frame), state.h, context)
-                state = self.cell.advance(state, z, a_fut[:, j], context, att["state"], att["map"], att["center"])
-                for key, value in (("frames", frame), ("latents", z), ("pi", pi), ("attention_maps", att["map"]),
-                                   ("attention_prior_maps", att_prior["map"])):
+                prior_map = state.map_prev if att_prior is None else att_prior["map"]
+                frame = self.likelihood.mean(self.decoder(torch.cat([z, state.h], -1), prior_map).float())
+                for key, value in zip(keys, (frame, z, pi, state.h, prior_map)):
                     out[key].append(value)
-        return {k: torch.stack(v, dim=1) for k, v in out.items()}
+                state = self.cell.advance(state, z, a_fut[:, j])
+                if att_prior is not None:
+                    state.map_prev, state.center_prev = prior_map, center_of_mass(prior_map)
+        result = {k: torch.stack(v, dim=1) for k, v in out.items()}
+        result["attention_maps"] = result["attention_prior_maps"]
+        return result
 
     def predict_future(self, context_obs: Any, context_actions: Any, future_actions: Any,
                        temperature: float = 1.0, generator: torch.Generator | None = None) -> dict[str, Tensor]:

@@ -7,7 +7,10 @@ parameters [N, P, 64, 64].
 
 Residual cells follow NVAE: GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> conv3x3 -> optional
 squeeze-excitation, added to the input through a learnable scalar gate initialised at 0, so every cell
-starts as the identity and the network trains stably at any depth. GroupNorm replaces NVAE's BatchNorm
+starts as the identity and the network trains stably at any depth. Because the cells start as the
+identity, the main path (each strided or upsampling conv) is followed by GroupNorm and swish, so that
+encoder and decoder are non-linear from the first step (with an affine main path they stayed nearly
+linear for the first thousand steps; docs/MODEL_CHANGES.md). GroupNorm replaces NVAE's BatchNorm
 so that a frame's output does not depend on the rest of the batch (frames are batched over B*T).
 """
 
@@ -77,7 +80,10 @@ class NVAEEncoder(nn.Module):
         self.stem = _conv(3, channels, sn=spectral_norm)
         stages, cin = [], channels
         for cout in widths:
+            # GroupNorm + swish on the main path: with the residual gates at 0 the network must still be
+            # non-linear from the first step (docs/MODEL_CHANGES.md).
             stages.append(nn.Sequential(_conv(cin, cout, stride=2, sn=spectral_norm),
+                                        nn.GroupNorm(_groups(cout), cout), nn.SiLU(),
                                         ResidualCell(cout, use_se, spectral_norm)))
             cin = cout
         self.stages = nn.ModuleList(stages)
@@ -132,7 +138,7 @@ class NVAEDecoder(nn.Module):
         widths = [channels * max(1, 4 // 2**i) for i in range(n_up)]  # 4C, 2C, C, C
         ups, films, cells, cin = [], [], [], top
         for cout in widths:
-            ups.append(_conv(cin, cout, sn=spectral_norm))
+            ups.append(nn.Sequential(_conv(cin, cout, sn=spectral_norm), nn.GroupNorm(_groups(cout), cout), nn.SiLU()))
             films.append(_AttentionFiLM(cout))
             cells.append(ResidualCell(cout, use_se, spectral_norm))
             cin = cout

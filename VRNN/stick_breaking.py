@@ -147,7 +147,10 @@ def stick_breaking_log_weights(log_v: Tensor, log_1mv: Tensor) -> Tensor:
     """Log mixture weights from K-1 sticks: [..., K-1] -> [..., K].
 
     log pi_k = log v_k + sum_{j<k} log(1 - v_j) for k < K, and log pi_K = sum_{j<K} log(1 - v_j).
+    With no sticks (K = 1) the single weight is 1 (log 0).
     """
+    if log_v.shape[-1] == 0:
+        return torch.zeros(*log_v.shape[:-1], 1, dtype=log_v.dtype, device=log_v.device)
     cum = torch.cumsum(log_1mv, dim=-1)
     before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)
     return torch.cat([log_v + before, cum[..., -1:]], dim=-1)

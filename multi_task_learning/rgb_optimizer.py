@@ -168,8 +168,18 @@ class GradientAggregator:
         self.last_diagnostics = diag
         return out.to(grads.dtype)
 
-    def backward(self, losses: Losses, shared_params, retain_graph: bool = False) -> dict[str, object]:
+    def backward(self, losses: Losses, shared_params, retain_graph: bool = False,
+                 task_params: Mapping[str, Sequence[Tensor]] | Sequence[Sequence[Tensor]] | None = None,
+                 min_relative_norm: float = 0.0) -> dict[str, object]:
         """Per-task gradients of the shared parameters, aggregated and written to `.grad`.
+
+        With ``task_params`` (per task, by name or position, the parameters that task trains), each task's
+        gradient is taken with respect to its own parameters only (autograd then walks only the part of the
+        graph that leads to them). Parameters that exactly one task reaches take that task's gradient as it
+        is; only the parameters that several tasks reach are aggregated. Tasks whose gradient on those
+        shared parameters is below ``min_relative_norm`` times the largest are left out of the aggregation
+        and added plainly (they cannot bend the others' update). Without ``task_params`` every task's
+        gradient is taken over all of ``shared_params`` and aggregated, as before.
 
         Args:
             losses: T scalar task losses, as a sequence or a {name: loss} mapping.
@@ -184,6 +194,8 @@ class GradientAggregator:
         gradient is added to an existing `.grad` or set where it is None.
         """
         names, loss_list = _normalise_losses(losses)
+        if task_params is not None:
+            return self._backward_by_task(names, loss_list, task_params, retain_graph, float(min_relative_norm))
         params, seen = [], set()
         for p in shared_params:
             if not isinstance(p, Tensor):
@@ -219,6 +231,81 @@ class GradientAggregator:
         diag = dict(self.last_diagnostics)
         diag.update(task_names=names, batched=used_batched)
         return diag
+
+    def _backward_by_task(self, names: list[str], losses: list[Tensor], task_params, retain_graph: bool,
+                          min_relative_norm: float) -> dict[str, object]:
+        T = len(losses)
+        if isinstance(task_params, Mapping):
+            unknown = sorted(set(task_params) - set(names))
+            if unknown:
+                raise ValueError(f"task_params names {unknown} are not among the losses {names}")
+            per_task = [list(task_params.get(n, [])) for n in names]
+        else:
+            per_task = [list(ps) for ps in task_params]
+            if len(per_task) != T:
+                raise ValueError(f"task_params has {len(per_task)} entries for {T} losses")
+        # grads[id(p)] = (p, {task index: gradient})
+        grads: dict[int, tuple[Tensor, dict[int, Tensor]]] = {}
+        live = [i for i in range(T) if losses[i].requires_grad and any(p.requires_grad for p in per_task[i])]
+        for k, i in enumerate(live):
+            params = list({id(p): p for p in per_task[i] if p.requires_grad}.values())
+            keep = retain_graph or k < len(live) - 1
+            for p, g in zip(params, torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=keep)):
+                if g is not None:
+                    grads.setdefault(id(p), (p, {}))[1][i] = g
+        single = [(p, next(iter(gs.values()))) for p, gs in grads.values() if len(gs) == 1]
+        shared = [(p, gs) for p, gs in grads.values() if len(gs) > 1]
+        if single:
+            flat = torch.cat([g.reshape(-1) for _, g in single]).unsqueeze(0)
+            if self.grad_reduce_hook is not None:  # data-parallel: the same mean over ranks as G gets
+                flat = self.grad_reduce_hook(flat)
+            self._write(single, flat[0])
+        diag: dict[str, object] = {"task_names": names, "batched": False,
+                                   "shared_numel": sum(p.numel() for p, _ in shared),
+                                   "single_numel": sum(p.numel() for p, _ in single)}
+        if not shared:
+            diag.update(grad_norms=torch.zeros(T), cosines=torch.zeros(T, T), active=torch.zeros(T, dtype=torch.bool),
+                        conflict_before=0.0, conflict_after=0.0, left_out=[])
+            return diag
+        dtype = torch.float32
+        for _, gs in shared:
+            for g in gs.values():
+                dtype = torch.promote_types(dtype, g.dtype)
+        G = torch.cat([torch.stack([gs[i].reshape(-1).to(dtype) if i in gs else
+                                    torch.zeros(p.numel(), dtype=dtype, device=p.device) for i in range(T)])
+                       for p, gs in shared], dim=1)  # [T, D_shared]
+        if self.grad_reduce_hook is not None:
+            G = self.grad_reduce_hook(G)
+        norms = G.norm(dim=1)
+        small = (norms < min_relative_norm * norms.max()) & (norms > 0)
+        left_out = [names[i] for i in range(T) if bool(small[i])]
+        # Left-out tasks become zero rows (aggregators skip those), so T and D stay what the state expects.
+        Gk = G.masked_fill(small[:, None], 0.0) if left_out else G
+        hook, self.grad_reduce_hook = self.grad_reduce_hook, None  # G is already reduced
+        try:
+            combined = self.aggregate(Gk)
+        finally:
+            self.grad_reduce_hook = hook
+        if left_out:
+            combined = combined + G[small].sum(dim=0)
+        self._write([(p, None) for p, _ in shared], combined)
+        diag.update(self.last_diagnostics)
+        diag["left_out"] = left_out
+        return diag
+
+    @staticmethod
+    def _write(pairs, flat: Tensor) -> None:
+        """Add consecutive slices of flat [D] to the ``.grad`` of each parameter in pairs (p, _)."""
+        offset = 0
+        with torch.no_grad():
+            for p, _ in pairs:
+                n = p.numel()
+                g = flat[offset:offset + n].view(p.shape).to(p.dtype)
+                offset += n
+                if p.grad is None:
+                    p.grad = g.clone(memory_format=torch.contiguous_format)
+                else:
+                    p.grad.add_(g)
 
     def _per_task_gradients(self, losses: list[Tensor], params: list[Tensor],
                             retain_graph: bool) -> tuple[list[Tensor | None], bool]:

@@ -26,7 +26,7 @@ def test_shapes_and_distributions(resolution):
     x, h, c, z = inputs()
     feats = m.encode_features(x)
     assert feats.shape == (2, resolution * resolution, 8)
-    post = m.posterior_step(feats, h, c)
+    post = m.posterior_step(feats, c)
     r = resolution
     assert post["map"].shape == (2, r, r) and post["slot_maps"].shape == (2, 3, r, r)
     assert post["slot_features"].shape == (2, 3, 8) and post["center"].shape == (2, 2)
@@ -48,25 +48,25 @@ def test_shapes_and_distributions(resolution):
 def test_posterior_is_deterministic():
     m = make()
     x, h, c, _ = inputs()
-    a = m.posterior_step(m.encode_features(x), h, c)
-    b = m.posterior_step(m.encode_features(x), h, c)
+    a = m.posterior_step(m.encode_features(x), c)
+    b = m.posterior_step(m.encode_features(x), c)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-def test_posterior_uses_h_and_c():
+def test_posterior_uses_c_and_the_frame():
     m = make()
     x, h, c, _ = inputs()
     feats = m.encode_features(x)
-    base = m.posterior_step(feats, h, c)["map"]
-    assert not torch.allclose(base, m.posterior_step(feats, h + 1.0, c)["map"])
-    assert not torch.allclose(base, m.posterior_step(feats, h, c + 1.0)["map"])
+    base = m.posterior_step(feats, c)["map"]
+    assert not torch.allclose(base, m.posterior_step(feats, c + 1.0)["map"])
+    assert not torch.allclose(base, m.posterior_step(m.encode_features(x.flip(-1)), c)["map"])
 
 
 def test_attention_kl():
     m = make()
     x, h, c, z = inputs()
-    post = m.posterior_step(m.encode_features(x), h, c)["map"]
+    post = m.posterior_step(m.encode_features(x), c)["map"]
     prior = m.prior_step(m.initial_map(2), h, z)["logits"]
     kl = m.attention_kl(post, prior)
     assert kl.shape == (2,) and (kl >= 0).all() and (kl > 1e-6).all()
@@ -111,8 +111,8 @@ def test_dynamics_target_is_detached():
     m = make()
     x, h, c, z = inputs()
     feats = m.encode_features(x)
-    post_prev = m.posterior_step(feats, h, c)
-    post = m.posterior_step(feats.flip(0), h, c)
+    post_prev = m.posterior_step(feats, c)
+    post = m.posterior_step(feats.flip(0), c)
     prior = m.prior_step(post_prev["map"].detach(), h, z)
     loss = m.dynamics_loss(prior["motion"], post_prev["center"], post["center"])
     assert loss.shape == (2,) and (loss > 0).all()
@@ -125,7 +125,7 @@ def test_dynamics_target_is_detached():
 def test_gradient_paths():
     m = make()
     x, h, c, z = inputs()
-    post = m.posterior_step(m.encode_features(x), h, c)
+    post = m.posterior_step(m.encode_features(x), c)
     prior = m.prior_step(m.initial_map(2), h, z)
     kl = m.attention_kl(post["map"].detach(), prior["logits"]).sum()
     kl.backward(retain_graph=True)
@@ -143,7 +143,7 @@ def test_gradient_paths():
 def test_diversity_gradient_reaches_slot_attention():
     m = make()
     x, h, c, _ = inputs()
-    post = m.posterior_step(m.encode_features(x), h, c)
+    post = m.posterior_step(m.encode_features(x), c)
     m.diversity(post["slot_maps"]).sum().backward()
     assert m.slot_attention.to_q.weight.grad.abs().sum() > 0
     assert m.features.stem[0].weight.grad.abs().sum() > 0
@@ -156,11 +156,9 @@ def test_bad_shapes_raise():
         m.encode_features(torch.zeros(2, 3, 32, 32))
     feats = m.encode_features(x)
     with pytest.raises(ValueError, match="feats"):
-        m.posterior_step(feats[:, :10], h, c)
-    with pytest.raises(ValueError, match="h must be"):
-        m.posterior_step(feats, h[:, :3], c)
+        m.posterior_step(feats[:, :10], c)
     with pytest.raises(ValueError, match="c must be"):
-        m.posterior_step(feats, h, c[:1])
+        m.posterior_step(feats, c[:1])
     with pytest.raises(ValueError, match="prev_map"):
         m.prior_step(torch.zeros(2, 4, 4), h, z)
     with pytest.raises(ValueError, match="z_prev"):
@@ -182,7 +180,7 @@ def test_posterior_learns_to_attend_to_a_bright_square(one_thread):
         for i, (r, col) in enumerate(torch.randint(0, 7, (8, 2), generator=g).tolist()):
             x[i, :, 8 * r:8 * r + 16, 8 * col:8 * col + 16] = 1.0
             mask[i, r:r + 2, col:col + 2] = 1.0
-        post = m.posterior_step(m.encode_features(x), h, c)
+        post = m.posterior_step(m.encode_features(x), c)
         mass = (post["map"] * mask).sum((1, 2))
         loss = -mass.mean() + 0.1 * m.diversity(post["slot_maps"]).mean()
         opt.zero_grad()
@@ -223,7 +221,7 @@ def test_from_config(preset):
     m = AttentionSchema.from_config(cfg)
     r = cfg.attention_resolution
     feats = m.encode_features(torch.zeros(1, 3, 64, 64))
-    post = m.posterior_step(feats, torch.zeros(1, cfg.hidden_dim), torch.zeros(1, cfg.context_dim))
+    post = m.posterior_step(feats, torch.zeros(1, cfg.context_dim))
     assert post["slot_maps"].shape == (1, cfg.num_slots, r, r)
     assert post["state"].shape == (1, cfg.attention_dim)
     prior = m.prior_step(post["map"], torch.zeros(1, cfg.hidden_dim), torch.zeros(1, cfg.latent_dim))
@@ -235,7 +233,7 @@ def test_rows_are_independent():
     m = make()
     x, h, c, z = inputs(b=3)
     feats = m.encode_features(x)
-    post, post1 = m.posterior_step(feats, h, c), m.posterior_step(feats[1:2], h[1:2], c[1:2])
+    post, post1 = m.posterior_step(feats, c), m.posterior_step(feats[1:2], c[1:2])
     prior, prior1 = m.prior_step(post["map"], h, z), m.prior_step(post["map"][1:2], h[1:2], z[1:2])
     torch.testing.assert_close(m.encode_features(x[1:2]), feats[1:2])
     for key in ("map", "slot_maps", "center", "state"):

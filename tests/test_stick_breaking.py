@@ -153,13 +153,16 @@ def test_kl_z_nonnegative_in_expectation_and_zero_for_matching_mixture():
     params = prior(torch.randn(5, 6))
     g = torch.Generator().manual_seed(0)
     log_pi = prior.log_weights(params, generator=g)
-    kl, z = prior.kl_z(torch.randn(5, 3), torch.randn(5, 3).clamp(-2, 1), log_pi, params, g)
+    kl, kl_dyn, kl_rep, z = prior.kl_z(torch.randn(5, 3), torch.randn(5, 3).clamp(-2, 1), log_pi, params, g)
     assert bool((kl > 0).all()) and z.shape == (5, 3)
+    # The balanced halves have the estimate's value; each carries the gradient of one side only.
+    torch.testing.assert_close(kl_dyn.detach(), kl)
+    torch.testing.assert_close(kl_rep.detach(), kl)
     # Every component equal to q: the mixture is q, so every Monte Carlo term is exactly 0.
     mean, logvar = torch.randn(5, 3), torch.zeros(5, 3) - 1.0
     same = PriorParams(params.alpha_shape, params.alpha_rate, params.kuma_a, params.kuma_b,
                        mean[:, None].expand(5, 5, 3), logvar[:, None].expand(5, 5, 3))
-    kl0, _ = prior.kl_z(mean, logvar, log_pi, same, g)
+    kl0 = prior.kl_z(mean, logvar, log_pi, same, g)[0]
     assert torch.allclose(kl0, torch.zeros(5), atol=1e-4)
 
 
@@ -191,3 +194,21 @@ def test_sampler_temperature():
     assert not torch.allclose(z1, z2)
     with pytest.raises(ValueError, match="temperature"):
         prior.sample(params, -1.0)
+
+
+def test_balanced_kl_halves_train_one_side_each():
+    prior = _head(kl_samples=4)
+    u = torch.randn(5, 6)
+    mean = torch.randn(5, 3, requires_grad=True)
+    logvar = torch.zeros(5, 3, requires_grad=True)
+    params = prior(u)
+    log_pi = prior.log_weights(params, generator=torch.Generator().manual_seed(0))
+    _, kl_dyn, kl_rep, _ = prior.kl_z(mean, logvar, log_pi, params, torch.Generator().manual_seed(1))
+    heads = [p for p in prior.parameters()]
+    g_post = torch.autograd.grad(kl_dyn.sum(), [mean, logvar], allow_unused=True, retain_graph=True)
+    assert all(g is None or float(g.abs().max()) == 0.0 for g in g_post)       # dyn: the prior only
+    g_prior = torch.autograd.grad(kl_rep.sum(), heads, allow_unused=True, retain_graph=True)
+    assert all(g is None or float(g.abs().max()) == 0.0 for g in g_prior)     # rep: the posterior only
+    assert any(g is not None and float(g.abs().max()) > 0 for g in
+               torch.autograd.grad(kl_dyn.sum(), heads, allow_unused=True, retain_graph=True))
+    assert float(torch.autograd.grad(kl_rep.sum(), mean)[0].abs().max()) > 0
