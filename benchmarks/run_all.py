@@ -10,7 +10,8 @@ Each figure is measured in this run beside its reference, and the ratio is print
             per-task gradients, aggregator, optimiser, discriminator step, EMA) and of the per-time-step loop
             (benchmarks/trainer_step.py says how it attributes time without touching the model's code)
 * tscale    frames per second at two window lengths (16 and 64), same model, interleaved; ratio long/short
-* aggregator the step with the configured aggregator (rgb) against the plain ``sum``, interleaved; ratio
+* aggregator the step with the configured aggregator (rgb) against the same step with one backward pass of the
+            summed task losses (and against the ``sum`` aggregator, which still takes per-task gradients)
 * data      windows per second through a DataLoader built like the trainer's (its batch size, workers and
             pinning) against the windows per second the step consumes (B / step time of the first preset)
 * collect   the collector against a bare dm_control step-and-render loop (benchmarks/collect.py)
@@ -167,18 +168,22 @@ def tscale_section(preset: str, batch: int | None, lengths: tuple[int, int], dev
 
 def aggregator_section(preset: str, batch: int | None, seq: int | None, device: str, repeats: int, warmup: int,
                        amp: bool, threads: int | None) -> dict[str, Any]:
-    """The step with the preset's aggregator against the same step with ``sum``."""
+    """The step with the preset's aggregator against the same step with one backward of the summed losses
+    (the headline ratio) and with the registry's ``sum`` aggregator (per-task gradients, then summed)."""
     if threads:
         torch.set_num_threads(threads)
     dev = _device(device)
     base = trainer_step.step_config(preset, batch, seq)
-    names = [base.aggregator, "sum"] if base.aggregator != "sum" else ["rgb", "sum"]
-    harnesses = [trainer_step.TrainerHarness(trainer_step.step_config(preset, batch, seq, aggregator=n)
-                                             .replace(amp=amp), dev) for n in names]
+    own = base.aggregator if base.aggregator != "sum" else "rgb"
+    variants = [(own, own, False), ("sum of the losses, one backward", "sum", True), ("sum (per-task gradients)", "sum", False)]
+    harnesses = [trainer_step.TrainerHarness(trainer_step.step_config(preset, batch, seq, aggregator=agg)
+                                             .replace(amp=amp), dev, single_backward=single)
+                 for _, agg, single in variants]
     times = _interleaved(harnesses, repeats, warmup)
     med = [_median(ts) for ts in times]
-    out = {"preset": preset, "batch": base.batch_size, "seq": base.sequence_length, "aggregators": names,
-           "step_s": times, "step_s_median": med, "ratio": med[0] / med[1]}
+    out = {"preset": preset, "batch": base.batch_size, "seq": base.sequence_length,
+           "aggregators": [label for label, _, _ in variants], "step_s": times, "step_s_median": med,
+           "ratio": med[0] / med[1], "ratio_vs_sum_aggregator": med[0] / med[2]}
     for h in harnesses:
         h.close()
     return out
@@ -323,9 +328,12 @@ def markdown_table(results: dict[str, Any]) -> str:
                     f"{_fmt(t['fps'][1])} | {_fmt(t['fps'][0])} | {_fmt(t['ratio'])} | {_aim('tscale_ratio')} |")
     a = results.get("aggregator", {})
     if "ratio" in a:
-        rows.append(f"| {a['preset']} step with {a['aggregators'][0]} vs {a['aggregators'][1]} (s/step) | "
+        rows.append(f"| {a['preset']} step (s) with {a['aggregators'][0]} vs the {a['aggregators'][1]} | "
                     f"{_fmt(a['step_s_median'][0])} | {_fmt(a['step_s_median'][1])} | {_fmt(a['ratio'])} | "
                     f"{_aim('aggregator_ratio')} |")
+        rows.append(f"| {a['preset']} step (s) with {a['aggregators'][0]} vs the {a['aggregators'][2]} | "
+                    f"{_fmt(a['step_s_median'][0])} | {_fmt(a['step_s_median'][2])} | "
+                    f"{_fmt(a['ratio_vs_sum_aggregator'])} | |")
     d = results.get("data", {})
     if "loader_windows_per_s" in d:
         rows.append(f"| data: DataLoader windows/s (B={d['batch']}, T={d['seq']}, {d['num_workers']} workers) vs "
@@ -400,6 +408,40 @@ def compare_table(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+README_BEGIN = "<!-- run_all:begin (python benchmarks/run_all.py --update-readme README.md rewrites this block) -->"
+README_END = "<!-- run_all:end -->"
+
+
+def readme_block(results: dict[str, Any]) -> str:
+    """What the README's Performance section shows: the conditions, the table, the parts, the top ops."""
+    m = results["meta"]
+    notes = [f"the {p} preset ran at a reduced B={s['batch']}, T={s['seq']} (its own: B={s['preset_batch']}, "
+             f"T={s['preset_seq']})" for p, s in results.get("steps", {}).items() if "error" not in s and s["reduced"]]
+    lines = [
+        f"Measured {m['date_utc']} (git {m['git']}, `{m['command'].strip()}`) on {m['processor']}, "
+        f"{m['cpu_count']} cores, {m['threads']} torch threads, device {m['device']}"
+        f"{' (' + m['device_name'] + ')' if m.get('device_name') else ''}, torch {m['torch']}; "
+        f"load average (1/5/15 min) {_load(m['load_average_before'])} before and {_load(m['load_average_after'])} "
+        f"after the run, which took {m['seconds']:.0f} s" + ("." if not notes else "; " + "; ".join(notes) + "."),
+        "",
+        results["table_markdown"],
+    ]
+    if results.get("parts_markdown"):
+        lines += ["", results["parts_markdown"], "", "Costliest ops (self time, share of the profiled step):", "",
+                  top_ops_table(results, 5)]
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, block: str) -> None:
+    """Replace the text between the run_all markers of ``path`` (which must hold both) with ``block``."""
+    text = path.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"{path} has no run_all block; add the two marker lines\n{README_BEGIN}\n{README_END}")
+    text = text[:begin + len(README_BEGIN)] + "\n" + block + "\n" + text[end:]
+    path.write_text(text)
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
@@ -459,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-isolate", action="store_true",
                         help="run every section in this process (faster start; peak memory then includes earlier sections)")
     parser.add_argument("--compare", type=Path, default=None, help="an earlier results.json: print after / before")
+    parser.add_argument("--update-readme", type=Path, default=None, metavar="README",
+                        help="rewrite the block between the run_all markers of this file with this run's tables")
     return parser
 
 
@@ -571,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         print(f"\nAgainst {args.compare}:\n")
         print(compare_table(json.loads(args.compare.read_text()), results))
+    if args.update_readme:
+        update_readme(args.update_readme, readme_block(results))
+        print(f"\nupdated the run_all block of {args.update_readme}")
     print(f"\nwritten {out_path} in {results['meta']['seconds']:.0f} s" + (f"; FAILED: {', '.join(errors)}" if errors else ""))
     return 1 if errors else 0
 

@@ -143,12 +143,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class SingleBackward:
+    """Stands in for the trainer's aggregator: one backward pass of the summed task losses (what any
+    multi-task aggregator is measured against; the registry's ``sum`` still takes one gradient per task)."""
+
+    name = "single backward of the summed losses"
+
+    def backward(self, losses, shared_params, *args, **kwargs) -> dict[str, Any]:
+        values = list(losses.values()) if isinstance(losses, dict) else list(losses)
+        torch.autograd.backward(torch.stack([v.reshape(()) for v in values]).sum())
+        n = len(values)
+        return {"grad_norms": torch.zeros(n), "cosines": torch.zeros(n, n), "active": torch.zeros(n, dtype=torch.bool)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class TrainerHarness:
     """A ``DMCVBTrainer`` (the real one: its optimisers, aggregator, discriminator step and EMA) on one
-    fixed synthetic batch of the config's B x T. The schedules are set past their warm-ups (the trainer's
-    ``step`` counter), so the step costs what most of a run's steps cost."""
+    fixed synthetic batch of the config's B x T (``single_backward``: its aggregator replaced by one
+    backward of the summed losses, the reference for the aggregator's cost). The schedules are set past
+    their warm-ups (the trainer's ``step`` counter), so the step costs what most of a run's steps cost."""
 
-    def __init__(self, config: AIMEConfig, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, config: AIMEConfig, device: torch.device, seed: int = 0, single_backward: bool = False) -> None:
         self.config, self.device = config, torch.device(device)
         torch.manual_seed(seed)
         model = DPGMMVariationalRecurrentAutoencoder.from_config(config, action_dim=ACTION_DIM).to(self.device)
@@ -156,6 +176,8 @@ class TrainerHarness:
         self._tmp = tempfile.TemporaryDirectory(prefix="aime-bench-")
         self.trainer = DMCVBTrainer(model, data, data, config, Path(self._tmp.name), device=self.device,
                                     progress=False)
+        if single_backward:
+            self.trainer.aggregator = SingleBackward()
         warmups = [getattr(config, k, 0) for k in ("beta_warmup_steps", "adversarial_warmup_steps", "warmup_steps")]
         if hasattr(self.trainer, "step"):
             self.trainer.step = max(warmups)

@@ -70,5 +70,6 @@ def test_ratios_are_finite(smoke_results):
         assert key in ratios, key
         assert math.isfinite(ratios[key]) and ratios[key] >= 0, (key, ratios[key])
     assert results["tscale"]["T"] == [4, 8]
-    assert results["aggregator"]["aggregators"] == ["rgb", "sum"]
+    assert results["aggregator"]["aggregators"][0] == "rgb" and len(results["aggregator"]["step_s_median"]) == 3
+    assert math.isfinite(results["aggregator"]["ratio_vs_sum_aggregator"])
     assert "| figure |" in results["table_markdown"]
