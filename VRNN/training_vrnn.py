@@ -1,7 +1,7 @@
 """Train the AIME world model on an existing (or freshly collected) DMC dataset; evaluate checkpoints.
 
     python VRNN/training_vrnn.py --env humanoid_walk --batch-size 8
-    python VRNN/training_vrnn.py --env cheetah-run --resume --run-dir runs/cheetah-run/exp1
+    python VRNN/training_vrnn.py --resume --run-dir runs/cheetah-run/exp1     # the run's own settings
     python VRNN/training_vrnn.py --env cheetah-run --eval-only --load-checkpoint runs/.../checkpoints/best.pt
     torchrun --nproc_per_node 4 VRNN/training_vrnn.py --env walker-walk --preset paper --batch-size 32
 

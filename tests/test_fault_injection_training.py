@@ -86,11 +86,6 @@ def _kill_at(script: str, args: list[str], point: str, sig: signal.Signals, tmp_
     return proc.returncode, err
 
 
-def _resume(script: str, run_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, "--resume", "--run-dir", str(run_dir)], cwd=ROOT, env=_env(),
-                          check=False, capture_output=True, text=True, timeout=300)
-
-
 def _checkpoints_intact(run_dir: Path) -> int:
     """Every checkpoint name reads; returns the step of latest.pt."""
     folder = run_dir / "checkpoints"
@@ -151,15 +146,29 @@ def test_kills_inside_checkpoint_writes_then_resume_alone_equals_an_uninterrupte
     assert _temporary(run_dir) == []
     TALLY["survived"] += 1  # kill 4
 
-    # 6. the last resume only evaluates: the run is complete and equals an uninterrupted one
-    out = _resume(script, run_dir)
-    assert out.returncode == 0, out.stderr[-3000:]
-    TALLY["survived"] += 1  # kill 5
-    assert json.loads((run_dir / "eval.json").read_text())["step"] == 8
+    # 6. SIGTERM while main.py draws the plots and report.md of the resumed run: eval.json is written first
+    code, err = _kill_at("VRNN/main.py", resume_only, "report", signal.SIGTERM, tmp_path)
+    assert code == 0, err[-3000:]
+    TALLY["survived"] += 1  # kill 5: the resume finished training and evaluation
+    assert "Traceback" not in err
+    said = [line for line in err.splitlines() if "while drawing the plots and report.md" in line]
+    assert len(said) == 1 and "--eval-only --load-checkpoint" in said[0], err[-3000:]
+    assert json.loads((run_dir / "eval.json").read_text())["step"] == 8 and not (run_dir / "report.md").exists()
+    assert _checkpoints_intact(run_dir) == 8
+
+    # 7. --eval-only redoes the evaluation and the report
+    redo = subprocess.run([sys.executable, "VRNN/main.py", "--eval-only", "--load-checkpoint",
+                           str(run_dir / "checkpoints" / "latest.pt"), "--data-dir", str(tiny_dmc_data),
+                           "--run-dir", str(run_dir), "--threads", "1"], cwd=ROOT, env=_env(), check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert (run_dir / "report.md").is_file() and (run_dir / "plots" / "open_loop.png").is_file()
+    TALLY["survived"] += 1  # kill 6
+
+    # the run is complete and equals an uninterrupted one
     assert _train_steps(run_dir) == list(range(1, 9))
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["max_steps"], config["checkpoint_every"], config["latent_dim"]) == (8, 1, 4)
-
     torch.set_num_threads(1)
     straight = make_trainer(tiny_dmc_data, tmp_path / "straight", max_steps=8)
     straight.train()
@@ -169,24 +178,3 @@ def test_kills_inside_checkpoint_writes_then_resume_alone_equals_an_uninterrupte
         assert torch.allclose(value.float(), resumed["model"][name].float(), atol=1e-6, rtol=0), name
     for name, value in straight.ema.state_dict().items():
         assert torch.allclose(value.float(), resumed["ema"][name].float(), atol=1e-6, rtol=0), name
-
-
-def test_signal_while_drawing_the_report_stops_cleanly_and_eval_only_redoes_it(tiny_dmc_data, tmp_path):
-    run_dir = tmp_path / "run"
-    flags = ["--env", "cheetah-run", "--preset", "smoke", "--data-dir", str(tiny_dmc_data), "--run-dir", str(run_dir),
-             "--max-steps", "2", "--threads", "1"]
-    code, err = _kill_at("VRNN/main.py", flags, "report", signal.SIGTERM, tmp_path)
-    assert code == 0, err[-3000:]
-    assert "Traceback" not in err
-    said = [line for line in err.splitlines() if "while drawing the plots and report.md" in line]
-    assert len(said) == 1 and "--eval-only --load-checkpoint" in said[0], err[-3000:]
-    assert (run_dir / "eval.json").is_file() and not (run_dir / "report.md").exists()
-    assert _checkpoints_intact(run_dir) == 2
-
-    redo = subprocess.run([sys.executable, "VRNN/main.py", "--eval-only", "--load-checkpoint",
-                           str(run_dir / "checkpoints" / "latest.pt"), "--data-dir", str(tiny_dmc_data),
-                           "--run-dir", str(run_dir), "--threads", "1"], cwd=ROOT, env=_env(), check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert redo.returncode == 0, redo.stderr[-3000:]
-    assert (run_dir / "report.md").is_file() and (run_dir / "plots" / "open_loop.png").is_file()
-    TALLY["survived"] += 1
