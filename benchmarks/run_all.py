@@ -494,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--env", default="cheetah-run", help="environment of the collection section")
     parser.add_argument("--collect-steps", type=int, default=None, help="agent steps per collection measurement")
     parser.add_argument("--data", type=Path, default=None,
-                        help="train split for the data section (default: data/cheetah-run/train.h5 if present, "
-                             "else what the collection section wrote)")
+                        help="train split for the data section (default: data/cheetah-run/train or train.h5 if "
+                             "present, else what the collection section wrote)")
     parser.add_argument("--windows", type=int, default=None, help="windows read in the data section")
     parser.add_argument("--horizon", type=int, default=None, help="imagined frames per rollout (default 16)")
     parser.add_argument("--no-isolate", action="store_true",
@@ -569,8 +569,8 @@ def main(argv: list[str] | None = None) -> int:
             results["collect"] = run("collect", collect_section, args.env, steps, 1 if args.quick else 2, Path(tmp))
             torch.set_num_threads(threads)
         if "data" in args.sections:
-            default = Path("data/cheetah-run/train.h5")
-            path = args.data or (default if default.exists() else None)
+            defaults = [Path("data/cheetah-run/train"), Path("data/cheetah-run/train.h5")]
+            path = args.data or next((p for p in defaults if p.exists()), None)
             if path is None and "data_path" in results.get("collect", {}):
                 path = Path(results["collect"]["data_path"])
             step_ref = results.get("steps", {}).get(ref, {})

@@ -453,7 +453,8 @@ def attribute(events: Any, seq_len: int, device: bool = False, top_ops: int = 12
             continue
         module, phase, node = _scopes(e)
         info.append((e, module, phase, node))
-        if e.name.startswith(MODULE_PREFIX) and phase == "forward" and node is None:
+        # (no phase at all: the model's loss method was renamed; its modules still mark the forward)
+        if e.name.startswith(MODULE_PREFIX) and phase in ("forward", None) and node is None:
             calls[module] += 1
             spans[module].append((e.start, e.end))
     # T < 4 cannot tell a per-step module from one called two or three times in a forward (the
@@ -512,7 +513,8 @@ def attribute(events: Any, seq_len: int, device: bool = False, top_ops: int = 12
             elif origin is not None and origin[1] == "disc_forward":
                 part = "discriminator step"
             else:
-                part = "per-task gradients" if origin is not None and origin[1] == "forward" else "trainer: other"
+                part = "per-task gradients" if origin is not None and origin[1] in ("forward", None) \
+                    else "trainer: other"
             if part == "per-task gradients":
                 if origin is None:
                     unmatched_backward += t
@@ -521,7 +523,7 @@ def attribute(events: Any, seq_len: int, device: bool = False, top_ops: int = 12
                     loop_backward += t
         elif phase == "task_gradients":  # the aggregator's own glue (building G [T, D], writing .grad)
             part = "aggregator"
-        elif phase == "forward":
+        elif phase == "forward" or (phase is None and module is not None):
             in_loop = loop_lo <= e.start <= loop_hi
             part = _forward_part(module, phase, in_loop)
             forward_total += t

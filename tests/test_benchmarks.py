@@ -24,7 +24,7 @@ def _load_run_all():
 
 
 @pytest.fixture(scope="module")
-def smoke_results(tmp_path_factory, tiny_dmc_data):
+def smoke_results(tmp_path_factory):
     os.environ.setdefault("MUJOCO_GL", "egl")
     run_all = _load_run_all()
     out = tmp_path_factory.mktemp("bench") / "results.json"
@@ -33,9 +33,9 @@ def smoke_results(tmp_path_factory, tiny_dmc_data):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        data = next(p for p in (tiny_dmc_data / "train", tiny_dmc_data / "train.h5") if p.exists())
+        # the data section reads data/cheetah-run when present, else what the collection section wrote
         rc = run_all.main(["--quick", "--presets", "smoke", "--no-isolate", "--out", str(out), "--threads", "1",
-                           "--collect-steps", "8", "--data", str(data), "--windows", "8", "--horizon", "2"])
+                           "--collect-steps", "10", "--windows", "8", "--horizon", "2"])
     finally:
         torch.set_num_threads(threads)
     results = json.loads(out.read_text())
@@ -73,3 +73,15 @@ def test_ratios_are_finite(smoke_results):
     assert results["aggregator"]["aggregators"][0] == "rgb" and len(results["aggregator"]["step_s_median"]) == 3
     assert math.isfinite(results["aggregator"]["ratio_vs_sum_aggregator"])
     assert "| figure |" in results["table_markdown"]
+
+
+def test_module_paths_map_to_parts():
+    run_all = _load_run_all()
+    part = run_all.trainer_step.part_of_module
+    assert part("encoder.stages.0.conv") == "encoder"
+    assert part("cell.attention.slot_attention.mlp.0") == "attention"
+    assert part("cell.posterior.net.2") == "prior loop"
+    assert part("perceiver.encoder.cross_attention") == "perceiver"
+    assert part("decoder.head") == part("likelihood") == "decoder & likelihood"
+    assert part("dynamics.transition_mlp") == "prior loop"  # a renamed cell still lands in the loop's part
+    assert part("world_head.fc") == "other: world_head"
