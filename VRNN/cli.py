@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,6 +90,13 @@ RESUME_CHANGEABLE: dict[str, str] = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, and flag names in help texts never split at their hyphens."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def _preset_from_argv(argv: Sequence[str] | None) -> str:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
@@ -102,7 +110,7 @@ def build_parser(description: str, argv: Sequence[str] | None = None) -> argpars
     base = AIMEConfig.preset(preset)
     parser = argparse.ArgumentParser(
         description=description, allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--env", default=base.env,
                         help="DMC task, any spelling: cheetah-run, cheetah_run, dmc_cheetah_run")

@@ -140,3 +140,28 @@ def test_slurm_script_stops_and_requeues_on_usr1(tmp_path):
     assert "stopped" in calls and "scontrol requeue 4242" in calls, calls
     assert calls.index("stopped") < calls.index("scontrol requeue")
     assert "--stop-file" in calls and str(run_dir / "STOP") in calls
+
+
+def test_given_flags_counts_typed_flags_even_at_their_default():
+    from VRNN.cli import given_flags
+
+    argv = ["--preset", "smoke", "--batch-size", "2", "--max-steps=9", "--resume", "--run-dir", "r"]
+    parser = build_parser("x", argv)
+    add_training_flags(parser)
+    # --batch-size 2 is smoke's default, but it was typed: --resume must compare it with the run's value
+    assert given_flags(parser, argv) == {"preset": "--preset", "batch_size": "--batch-size",
+                                         "max_steps": "--max-steps", "resume": "--resume", "run_dir": "--run-dir"}
+
+
+def test_resume_help_names_the_flags_that_may_differ():
+    from VRNN.cli import RESUME_CHANGEABLE
+
+    parser = build_parser("x", [])
+    add_training_flags(parser)
+    text = " ".join(parser.format_help().split())
+    resume_help = text[text.index("--resume "):text.index("--eval-only ")]
+    for flag in RESUME_CHANGEABLE:
+        assert flag in resume_help, flag
+    assert set(RESUME_CHANGEABLE) <= set(_all_flags())
+    # the flags that shape the weights are not among them
+    assert not {"--max-steps", "--seed", "--preset", "--env", "--batch-size", "--learning-rate"} & set(RESUME_CHANGEABLE)
