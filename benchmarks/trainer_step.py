@@ -33,6 +33,7 @@ device self time on CUDA (kernels; the rest of the step's wall time is reported 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import tempfile
@@ -353,6 +354,36 @@ _MISSING = object()
 
 # ---------------------------------------------------------------------------------------------------
 # Attribution of profiler events
+def _adopt_orphans(events: list[Event]) -> None:
+    """Top-level events of other threads inside the step (CUDA: the autograd device thread, runtime
+    launches recorded under another thread id) get the innermost event of the step's thread that was open
+    at their start as parent, so that they inherit its phase and module scopes. Self times stay as they
+    are (the other thread's time is not the step thread's)."""
+    steps = [e for e in events if e.name == STEP_LABEL]
+    if not steps:
+        return
+    step = steps[0]
+    children: dict[int, list[Event]] = defaultdict(list)
+    for e in events:
+        if e.parent is not None and e.thread == step.thread:
+            children[id(e.parent)].append(e)
+    for kids in children.values():
+        kids.sort(key=lambda e: e.start)
+    starts = {key: [k.start for k in kids] for key, kids in children.items()}
+    for e in events:
+        if e.parent is not None or e.thread == step.thread or not step.start <= e.start <= step.end:
+            continue
+        host = step
+        while True:
+            kids = children.get(id(host), [])
+            i = bisect.bisect_right(starts.get(id(host), []), e.start) - 1
+            if i >= 0 and kids[i].start <= e.start < kids[i].end:
+                host = kids[i]
+            else:
+                break
+        e.parent = host
+
+
 class Event:
     """One profiler event, the few fields the attribution needs (times in microseconds)."""
 
@@ -409,6 +440,7 @@ def light_events(prof: Any) -> list[Event]:
                 e.parent = stack[-1]
                 stack[-1].self_time -= e.end - e.start
             stack.append(e)
+    _adopt_orphans(cpu)
     if kernels:
         launcher = {e.correlation: e for e in cpu if e.correlation}
         for corr, duration in kernels:
