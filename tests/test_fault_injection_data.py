@@ -31,17 +31,16 @@ from VRNN.hdf5_io import EpisodeWriter, Split, check_split, list_episode_files
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTH = 10                                   # agent steps per episode: each episode is cheap
-COUNTS = {"train": 12, "val": 3, "test": 3}   # 18 episodes, enough for every injection to find work
+COUNTS = {"train": 16, "val": 3, "test": 3}   # 22 episodes, enough for every injection to find work
 WRITE_POINTS = ("open", "mid_write", "written", "synced", "renamed")
 # (point, n, action): at the n-th time the point is reached in that run. Per-step faults land inside an
 # episode; write points inside the per-episode write (before/after the bytes, fsync, link).
 PLAN = [
-    ("open", 1, "kill"), ("mid_write", 1, "kill"), ("written", 2, "kill"), ("synced", 1, "kill"),
-    ("renamed", 1, "kill"), ("step", 4, "kill"), ("episode", 2, "kill"),
-    ("mid_write", 1, "term"), ("synced", 1, "term"), ("step", 6, "term"), ("renamed", 1, "term"),
-    ("mid_write", 1, "int"), ("written", 1, "int"), ("step", 3, "int"), ("episode", 1, "int"),
+    ("open", 1, "kill"), ("mid_write", 1, "kill"), ("time", 0.3, "kill"), ("written", 2, "kill"),
+    ("synced", 1, "kill"), ("renamed", 1, "kill"), ("step", 4, "kill"), ("time", 0.6, "kill"), ("episode", 2, "kill"),
+    ("mid_write", 1, "term"), ("synced", 1, "term"), ("time", 0.7, "term"), ("step", 6, "term"), ("renamed", 1, "term"),
+    ("mid_write", 1, "int"), ("written", 1, "int"), ("time", 0.5, "int"), ("step", 3, "int"), ("episode", 1, "int"),
     ("mid_write", 1, "enospc"), ("synced", 1, "enospc"),
-    ("time", 0.4, "kill"), ("time", 0.9, "kill"), ("time", 1.3, "term"), ("time", 1.1, "int"),
 ]
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
 
@@ -187,6 +186,8 @@ def test_kills_at_every_write_point_lose_nothing_but_the_episode_being_written(t
     try:
         for point, n, action in PLAN:
             before = _finished(out)
+            if len(before) == sum(COUNTS.values()):
+                break  # nothing left to collect: the remaining faults could not be injected
             label = f"{action} at {point}#{n}"
             if point == "time":
                 rc, err, delivered = server.run(argv, signal_after=(n, SIGNALS[action]))
