@@ -296,6 +296,10 @@ def test_resize_only_when_input_dim_says_so():
 
 @pytest.mark.parametrize("overrides", [
     {"likelihood": "gaussian"},
+    {"likelihood": "mdl"},
+    {"max_components": 1},
+    {"use_perceiver": False, "use_attention": False, "use_discriminator": False},
+    {"free_nats": 0.0, "kl_prior_scale": 1.0, "kl_posterior_scale": 1.0},
     {"use_spectral_norm": True, "use_squeeze_excitation": True},
     {"random_stick_order": True, "alpha_samples": 0, "lstm_layers": 2},
 ])
@@ -309,3 +313,48 @@ def test_config_variants_train(overrides):
     assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     if overrides.get("likelihood") == "gaussian":
         assert model.likelihood.log_scale.grad is not None
+
+
+def test_task_parameters_partition_what_each_task_trains(model):
+    """The aggregator balances only parameters that several tasks train: the decoder (ELBO, adversarial),
+    the Perceiver (ELBO, its own task) and the attention schema (ELBO, attention task)."""
+    tasks = model.task_parameters()
+    ids = {k: {id(p) for p in v} for k, v in tasks.items()}
+    gen = {id(p) for p in model.generator_parameters()}
+    assert ids["total_vae_loss"] == gen
+    assert ids["perceiver_loss"] == {id(p) for p in model.perceiver.parameters()}
+    assert ids["attention_loss"] == {id(p) for p in model.cell.attention.parameters()}
+    assert ids["adversarial_loss"] == {id(p) for p in model.decoder.parameters()}
+    # The attention task reads the state detached: its graph does not reach the LSTM or the encoder.
+    obs, actions = _batch(4)
+    losses, _ = model.compute_total_loss(obs, actions)
+    own = [p for n, p in model.named_parameters() if n.startswith(("cell.lstm.", "encoder.", "cell.posterior."))]
+    grads = torch.autograd.grad(losses["attention_loss"], own, allow_unused=True)
+    assert all(g is None or float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_imagination_reads_only_the_recurrent_state(model, monkeypatch):
+    """After the observed frames, imagination runs neither the Perceiver nor the encoders: the imagined
+    frames are decoded from (z_t, h_t), so no position beyond the context reaches the Perceiver."""
+    obs, actions = _batch(6, t=3)
+    calls = []
+    real = model.perceiver.extract_context
+    monkeypatch.setattr(model.perceiver, "extract_context", lambda video: calls.append(video.shape[1]) or real(video))
+    out = model.generate_future_sequence(obs[:, :2], actions[:, :2], torch.zeros(B, 5, A), temperature=0.0)
+    assert out["frames"].shape == (B, 5, 3, 64, 64)
+    assert calls == [2]  # the context once, never the imagined frames
+
+
+def test_observation_reaches_the_state_only_through_z(model):
+    """RSSM-style state (docs/MODEL_CHANGES.md): with z_t held fixed, changing x_t leaves h_{t+1} unchanged."""
+    obs, actions = _batch(8, t=3)
+    x = model._prepare_observations(obs)
+    a = model._prepare_actions(actions, B, 3)
+    with torch.no_grad():
+        steps, _, _ = model._observe_loop(x, a, None, None, perceiver_loss=False, posterior_mean=True)
+        state = model.cell.initial_state(B)
+        hs = []
+        for i in range(3):
+            hs.append(state.h)
+            state = model.cell.advance(state, steps["z"][:, i], a[:, i])
+    torch.testing.assert_close(torch.stack(hs, 1), steps["h"])

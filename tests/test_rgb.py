@@ -319,3 +319,33 @@ def test_registry():
     assert isinstance(get_aggregator("pcgrad", seed=1), PCGrad)
     with pytest.raises(ValueError, match=r"\['pcgrad', 'rgb', 'sum'\]"):
         get_aggregator("mgda")
+
+
+def test_task_params_backward_aggregates_only_shared_parameters():
+    """Parameters one task trains get its gradient as is; only those several tasks train are aggregated;
+    a task far below the largest on the shared block is left out of the aggregation and added plainly."""
+    torch.manual_seed(0)
+    w1, w2, w3 = (torch.nn.Parameter(torch.randn(n)) for n in (5, 3, 4))
+
+    def losses():
+        return {"a": (w1 ** 2).sum() + (w2 * w1[:3]).sum(), "b": (w2 ** 3).sum() + w3.sum(),
+                "c": 1e-6 * w3.pow(2).sum()}
+
+    owners = {"a": [w1, w2], "b": [w2, w3], "c": [w3]}
+    for name in ("sum", "rgb", "pcgrad"):
+        agg = get_aggregator(name, batched_grads=False)
+        for p in (w1, w2, w3):
+            p.grad = None
+        diag = agg.backward(losses(), [w1, w2, w3], task_params=owners, min_relative_norm=0.01)
+        got = [p.grad.clone() for p in (w1, w2, w3)]
+        for p in (w1, w2, w3):
+            p.grad = None
+        sum(losses().values()).backward()
+        ref = [p.grad.clone() for p in (w1, w2, w3)]
+        assert diag["left_out"] == ["c"] and diag["shared_numel"] == 7 and diag["single_numel"] == 5
+        torch.testing.assert_close(got[0], ref[0])       # w1: task a alone, its plain gradient
+        if name == "sum":
+            for g, r in zip(got, ref):
+                torch.testing.assert_close(g, r)
+    with pytest.raises(ValueError, match="not among the losses"):
+        get_aggregator("sum").backward(losses(), [w1], task_params={"zz": [w1]})
