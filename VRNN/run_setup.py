@@ -105,8 +105,8 @@ def ensure_dataset(config: AIMEConfig, data_dir: Path | None, ctx: DistContext,
     is collected first with the config's settings (rank 0 collects, the others wait at a barrier).
 
     Raises ValueError in one line when ``data_dir`` is a file or its data is damaged or was made with other
-    settings, InputError when the disk fills; a signal during collection exits with 128 + its number
-    after a message (finished episodes are kept).
+    settings, InputError when the disk fills or the folder cannot be written; a signal during collection
+    exits with 128 + its number after a message (finished episodes are kept).
     """
     from VRNN.collect_dmc import CollectionInterrupted, collect_dataset, unfinished_splits
 
@@ -114,25 +114,28 @@ def ensure_dataset(config: AIMEConfig, data_dir: Path | None, ctx: DistContext,
     splits = find_splits(data_dir)  # DataFileError when data_dir is a file
     if splits is not None and splits.train.is_file():
         return splits  # an old two-split dataset, used as it is
-    todo = unfinished_splits(data_dir, config.train_episodes, config.val_episodes, config.eval_episodes)
+    # Only rank 0 decides and collects; every rank meets at the barrier, so that no rank can see another
+    # state of the folder than rank 0 did.
+    todo = unfinished_splits(data_dir, config.train_episodes, config.val_episodes, config.eval_episodes) \
+        if ctx.is_main else []
     if todo:
-        if ctx.is_main:
-            logger.info("collecting the %s split(s) of %s into %s: %d train, %d validation and %d test episodes of "
-                        "%d steps, %s policy", "/".join(todo), config.env, data_dir, config.train_episodes,
-                        config.val_episodes, config.eval_episodes, config.episode_length, config.policy)
-            try:
-                collect_dataset(config.env, data_dir, episodes=config.train_episodes,
-                                eval_episodes=config.eval_episodes, episode_length=config.episode_length,
-                                policy=config.policy, seed=config.seed, action_repeat=config.action_repeat,
-                                progress=progress, image_size=config.image_size,
-                                val_episodes=config.val_episodes)
-            except DiskFullError as err:
-                raise InputError(str(err)) from err
-            except CollectionInterrupted as err:
-                logger.error("collection stopped by %s: finished episodes are kept in %s; run the same command "
-                             "again to resume", err, data_dir)
-                raise SystemExit(128 + err.signum) from None
-        barrier()
+        logger.info("collecting the %s split(s) of %s into %s: %d train, %d validation and %d test episodes of "
+                    "%d steps, %s policy", "/".join(todo), config.env, data_dir, config.train_episodes,
+                    config.val_episodes, config.eval_episodes, config.episode_length, config.policy)
+        try:
+            collect_dataset(config.env, data_dir, episodes=config.train_episodes,
+                            eval_episodes=config.eval_episodes, episode_length=config.episode_length,
+                            policy=config.policy, seed=config.seed, action_repeat=config.action_repeat,
+                            progress=progress, image_size=config.image_size, val_episodes=config.val_episodes)
+        except DiskFullError as err:
+            raise InputError(str(err)) from err
+        except CollectionInterrupted as err:
+            logger.error("collection stopped by %s: finished episodes are kept in %s; run the same command "
+                         "again to resume", err, data_dir)
+            raise SystemExit(128 + err.signum) from None
+        except OSError as err:  # e.g. a read-only or unwritable folder
+            raise InputError(f"cannot collect the dataset into {data_dir}: {err}") from err
+    barrier()
     splits = find_splits(data_dir)
     if splits is None:
         raise DataFileError(f"{data_dir} holds no dataset after collection (expected train/ and test/)")

@@ -290,6 +290,21 @@ def test_disk_full_keeps_finished_episodes(tmp_path):
     assert "Traceback" not in result.stderr
     assert [p.name for p in (out / "train").iterdir() if p.name != ".lock"] == ["ep_000000.h5"]
     assert verify(out / "train") == []
+    # a real write error from the kernel: a file-size limit below one episode file (EFBIG)
+    import resource
+    import signal
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    result = subprocess.run([sys.executable, "VRNN/collect_dmc.py", "--env", "cheetah-run", "--episodes", "3",
+                             "--val-episodes", "0", "--eval-episodes", "1", "--episode-length", "6", "--out",
+                             str(out), "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            check=False, preexec_fn=small_files)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: [Errno 27] File too large while writing ")
+    assert [p.name for p in (out / "train").iterdir() if p.name != ".lock"] == ["ep_000000.h5"]
 
 
 def _run(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
