@@ -139,3 +139,46 @@ def test_errors(tmp_path, tiny_dmc_data):
         DMCVBDataset(tiny_dmc_data / "train", 0)
     with pytest.raises(IndexError):
         DMCVBDataset(tiny_dmc_data / "train", 4)[10_000]
+
+
+def test_ensure_dataset_collects_three_splits_resumes_and_reads_old_data(tmp_path, caplog):
+    import logging
+
+    from VRNN.aime_config import AIMEConfig
+    from VRNN.collect_dmc import split_seeds
+    from VRNN.ddp_utils import DistContext
+    from VRNN.hdf5_io import Split
+    from VRNN.run_setup import ensure_dataset, load_datasets
+
+    config = AIMEConfig.preset("smoke", episode_length=6, train_episodes=2, val_episodes=1, eval_episodes=1,
+                               sequence_length=4)
+    data = tmp_path / "data"
+    splits = ensure_dataset(config, data, DistContext(), progress=False)
+    assert splits == (data / "train", data / "val", data / "test")
+    seeds = {s: Split(data / s).seeds for s in ("train", "val", "test")}
+    assert seeds == {s: split_seeds(config.seed, n, s) for s, n in (("train", 2), ("val", 1), ("test", 1))}
+    # an interrupted collection (a missing episode) is completed, nothing else is touched
+    kept = (data / "train" / "ep_000000.h5").read_bytes()
+    (data / "train" / "ep_000001.h5").unlink()
+    ensure_dataset(config, data, DistContext(), progress=False)
+    assert Split(data / "train").indices == [0, 1] and (data / "train" / "ep_000000.h5").read_bytes() == kept
+    train, validation, test = load_datasets(config, *splits)
+    assert validation is not test and len(train) == 2 * (7 - 4 + 1)
+    # an old two-split folder is used as it is, and one log line says what serves as validation
+    old = tmp_path / "old"
+    old.mkdir()
+    for name, split in (("train.h5", "train"), ("eval.h5", "test")):
+        with h5py.File(old / name, "w") as f:
+            f.attrs.update({"schema_version": 1, "env": "cheetah-run", "camera": 0, "action_repeat": 2,
+                            "policy": "ou", "image_size": 64, "action_dim": 6, "seeds": np.arange(1)})
+            episode = Split(data / split).read(0)
+            g = f.create_group("episode_000000")
+            for key, value in episode.items():
+                g.create_dataset(key, data=value)
+    old_splits = ensure_dataset(config, old, DistContext(), progress=False)
+    assert old_splits == (old / "train.h5", old / "eval.h5", old / "eval.h5")
+    with caplog.at_level(logging.INFO, logger="VRNN.run_setup"):
+        train, validation, test = load_datasets(config, *old_splits)
+    assert validation is test
+    assert any("serves as both validation (best.pt) and test" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in old.iterdir()) == ["eval.h5", "train.h5"]  # nothing collected beside it
