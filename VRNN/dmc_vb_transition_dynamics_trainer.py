@@ -55,7 +55,7 @@ from VRNN.grad_diagnostics import TASK_LOSS_KEYS, GradDiagnostics
 from VRNN.metrics_log import MetricsLogger, to_jsonable
 from VRNN.resumable_sampler import ResumableBatchSampler
 from VRNN.schedules import adversarial_weight_at, beta_at, kl_warmup_at, make_lr_scheduler
-from VRNN.stop_control import StopController
+from VRNN.stop_control import StopController, StopRequested
 from VRNN.training_checkpoints import (
     CheckpointManager,
     CheckpointWriteError,
@@ -508,8 +508,12 @@ class DMCVBTrainer:
             # Before the final evaluation, so that a kill or a signal during it loses no training.
             self.save_checkpoint()
         if finished and evaluated_at != self.step:
-            fault_point("final_evaluation", self.step)
-            self._evaluate_and_checkpoint()
+            try:
+                fault_point("final_evaluation", self.step)
+                self._evaluate_and_checkpoint()
+            except StopRequested as stop:  # a script's raise_on_stop_signals(); the checkpoint is saved
+                stop.phase = stop.phase or "the final evaluation"
+                raise
         logger.info("training ended at step %d (%s)", self.step, reason)
         return TrainResult(self.step, reason, self.last_checkpoint, self.last_evaluation, self.nonfinite_total)
 

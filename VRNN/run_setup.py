@@ -317,10 +317,10 @@ def _train(args: argparse.Namespace, ctx: DistContext, report: bool, given: dict
         logger.error("%s", exc)
         return 3
     except StopRequested as stop:
-        # The loop handles signals itself; this one came after it (final evaluation) or before it.
-        logger.warning("%s at step %d, outside the training loop (the final evaluation): stopped, no eval.json "
-                       "or report this time; the last complete checkpoint is %s. Finish with: %s",
-                       stop.signal_name, trainer.step, trainer.last_checkpoint, again)
+        # The loop handles signals itself; this one came after it (final evaluation) or just before it.
+        logger.warning("%s at step %d, during %s: stopped, no eval.json or report this time; the last complete "
+                       "checkpoint is %s. Finish with: %s", stop.signal_name, trainer.step,
+                       stop.phase or "the start of training", trainer.last_checkpoint or "(none yet)", again)
         return 0
     except OSError as exc:
         if not (_disk_full(exc) or isinstance(exc, CheckpointWriteError)):

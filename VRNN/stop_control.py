@@ -98,9 +98,10 @@ class StopRequested(BaseException):
     plotting code cannot swallow it.
     """
 
-    def __init__(self, signal_name: str) -> None:
+    def __init__(self, signal_name: str, phase: str | None = None) -> None:
         super().__init__(f"{signal_name} received")
         self.signal_name = signal_name
+        self.phase = phase  # what was running, when the code that catches it on the way out says so
 
 
 @contextmanager
