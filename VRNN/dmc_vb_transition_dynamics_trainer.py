@@ -228,8 +228,8 @@ class DMCVBTrainer:
                     path = self.checkpoints.save(self.state_dict(), self.step, best=best)
                 except OSError as exc:
                     raise CheckpointWriteError(
-                        exc.errno, f"the checkpoint of step {self.step} could not be written to "
-                        f"{self.checkpoints.dir} ({exc.strerror or exc}); the last complete checkpoint "
+                        exc.errno, f"the checkpoint of step {self.step} could not be written "
+                        f"({exc.strerror or exc}); the last complete checkpoint "
                         f"{self.last_checkpoint or '(none yet)'} is intact") from exc
                 self.last_checkpoint = path
         barrier()

@@ -251,6 +251,7 @@ def run_job(argv: list[str] | None, description: str, report: bool) -> int:
     parser = build_parser(description, argv)
     add_training_flags(parser)
     args = parser.parse_args(argv)
+    args.command = [_script_name(), *(sys.argv[1:] if argv is None else argv)]  # recorded in run.json
     try:
         check_run_options(args)
     except InputError as exc:
@@ -448,7 +449,8 @@ def _launch_record(args: argparse.Namespace, config: AIMEConfig) -> dict:
     data_dir = Path(args.data_dir) if args.data_dir is not None else default_data_dir(config.env)
     return {"preset": args.preset, "data_dir": str(data_dir.resolve()), "minutes": args.minutes,
             "tensorboard": bool(args.tensorboard), "visualize_attention": bool(args.visualize_attention),
-            "save_visualizations": bool(args.save_visualizations), "command": [_script_name(), *sys.argv[1:]]}
+            "save_visualizations": bool(args.save_visualizations),
+            "command": list(getattr(args, "command", [_script_name(), *sys.argv[1:]]))}
 
 
 def _setup_training(args: argparse.Namespace, ctx: DistContext, given: dict[str, str] | None = None):

@@ -213,7 +213,7 @@ def write_checkpoint_file(path: Path, payload: dict[str, Any], step: int | None 
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, CheckpointWriteError):
-            raise CheckpointWriteError(exc.errno, f"could not write {path}: {exc.strerror or exc}") from exc
+            raise CheckpointWriteError(exc.errno, f"{path}: {exc.strerror or exc}") from exc
         raise
     return path
 
@@ -239,8 +239,8 @@ class CheckpointManager:
             if best:
                 self._point(path, self.dir / "best.pt")
         except OSError as exc:
-            raise CheckpointWriteError(exc.errno, f"wrote {path} but could not point latest.pt/best.pt at it: "
-                                                  f"{exc.strerror or exc}") from exc
+            raise CheckpointWriteError(exc.errno, f"{path} written, but latest.pt/best.pt could not be pointed at "
+                                                  f"it: {exc.strerror or exc}") from exc
         fault_point("checkpoint:linked", step)
         self._rotate()
         logger.info("checkpoint %s%s", path, " (best)" if best else "")

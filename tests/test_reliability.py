@@ -246,3 +246,11 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_says_so(tin
     folder = run_dir / "checkpoints"
     assert load_checkpoint(folder / "latest.pt")["step"] == 1
     assert not list(folder.glob(".*.tmp")) and not (folder / "step_00000002.pt").exists()
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path, caplog):
+    target = tmp_path / "run"
+    target.write_text("notes")
+    assert run_job([*SMOKE, "--data-dir", str(tmp_path / "data"), "--run-dir", str(target)], "test", report=False) == 2
+    assert "--run-dir" in _errors(caplog)[0] and "is a file" in _errors(caplog)[0]
+    assert target.read_text() == "notes" and not (tmp_path / "data").exists()
