@@ -390,3 +390,36 @@ def test_mean_frame_is_stored_and_reloaded(tmp_path):
     assert torch.equal(load_or_compute_mean_frame(path), frame)      # read back, no dataset needed
     with pytest.raises(FileNotFoundError, match="no mean training frame"):
         load_or_compute_mean_frame(tmp_path / "missing.npy")
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer: best.pt on validation, eval.json on test
+def test_trainer_selects_on_validation_and_reports_on_test(tiny_dmc_data, tmp_path):
+    from VRNN.dmc_vb_transition_dynamics_trainer import DMCVBTrainer
+    from VRNN.hdf5_io import find_splits
+    from VRNN.run_setup import build_model, load_datasets
+    from VRNN.vrnn_utilities import load_checkpoint, seed_everything
+
+    torch.set_num_threads(1)
+    config = AIMEConfig.preset("smoke", max_steps=2, eval_every=1000, checkpoint_every=1000)
+    splits = find_splits(tiny_dmc_data)
+    assert splits.validation != splits.test
+    train, validation, test = load_datasets(config, *splits)
+    config = config.replace(action_dim=train.action_dim)
+    seed_everything(config.seed)
+    model = build_model(config, train.action_dim, torch.device("cpu"))
+    run_dir = tmp_path / "run"
+    trainer = DMCVBTrainer(model, train, validation, config, run_dir, progress=False, test_data=test)
+    result = trainer.train()
+    final = json.loads((run_dir / "eval.json").read_text())
+    periodic = json.loads((run_dir / "eval_validation.json").read_text())
+    assert final["split"] == "test" and periodic["split"] == "validation" and final["step"] == periodic["step"] == 2
+    assert result.evaluation["split"] == "test"
+    assert final["bits_per_dim"] != periodic["bits_per_dim"]                   # two different splits
+    payload = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert payload["best_bits_per_dim"] == pytest.approx(periodic["bits_per_dim"])   # chosen on validation
+    mean = load_or_compute_mean_frame(run_dir / "mean_frame.npy")
+    assert torch.allclose(mean, compute_mean_frame(train), atol=1e-6)
+    assert final["mean_frame_source"] == "training split"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("test/bits_per_dim" in r for r in rows) and any("eval/bits_per_dim" in r for r in rows)
