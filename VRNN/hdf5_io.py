@@ -306,7 +306,7 @@ class Split:
                 a = file_attrs(f)
                 length = int(f["reward"].shape[0]) if "reward" in f else 0
             if not attrs:
-                attrs = {k: a[k] for k in SHARED_ATTRS if k in a}
+                attrs = {k: a[k] for k in SHARED_ATTRS + ("source",) if k in a}
             else:
                 clash = [k for k in SHARED_ATTRS if k in attrs and a.get(k) != attrs[k]]
                 if clash:
@@ -851,11 +851,22 @@ def convert_legacy(old: str | Path, new_dir: str | Path, split: str = "train") -
     """Copy the episodes of an old single-file split into a new split folder; returns ``(written,
     skipped)`` where ``skipped`` names every episode left out (unreadable, invalid or a duplicate seed).
 
-    ``new_dir`` must not hold episodes yet. The old file is only read.
+    The old file is only read. Each new episode records ``converted_from`` (the old file's absolute
+    path), so an interrupted conversion resumes: a ``new_dir`` holding episodes converted from this same
+    file gets the missing ones; any other non-empty ``new_dir`` is refused.
     """
     old, new_dir = Path(old), Path(new_dir)
-    if new_dir.exists() and (not new_dir.is_dir() or list_episode_files(new_dir)):
-        raise DataFileError(f"{new_dir} exists and is not an empty folder; choose a new folder")
+    origin = str(old.resolve())
+    if new_dir.exists() and not new_dir.is_dir():
+        raise DataFileError(f"{new_dir} is a file; choose a new folder")
+    done: dict[int, int] = {}
+    if new_dir.is_dir():
+        for index, path in list_episode_files(new_dir):
+            with _open_episode(path) as g:
+                if _plain(g.attrs.get("converted_from")) != origin:
+                    raise DataFileError(f"{new_dir} holds episodes that were not converted from {old}; choose a "
+                                        f"new folder")
+                done[index] = int(_plain(g.attrs.get("seed", -1)))
     with open_checked(old) as f:
         attrs = file_attrs(f)
         try:
@@ -869,9 +880,12 @@ def convert_legacy(old: str | Path, new_dir: str | Path, split: str = "train") -
         missing = [k for k in ("env", "camera", "action_repeat", "policy", "image_size", "action_dim") if k not in shared]
         if missing:
             raise DataFileError(f"{old} lacks the file attributes {missing}; cannot convert it")
-        written, skipped, seen = 0, [], set()
+        shared["converted_from"] = origin
+        written, skipped, seen = 0, [], {seed for seed in done.values() if seed >= 0}
         with EpisodeWriter(new_dir, shared, split=split) as writer:
             for position, name in enumerate(names):
+                if int(name[len(EPISODE_PREFIX):]) in done:
+                    continue  # converted before an interruption
                 try:
                     problems = _verify_episode(f[name], name, int(shared["image_size"]), int(shared["action_dim"]))
                     seed = f[name].attrs.get("seed")

@@ -27,7 +27,8 @@ order inside its episode). State fields and metadata are ignored.
 
 Records are framed and checked as TFRecord specifies (length, masked CRC-32C of length and of data); a
 bad checksum or a truncated record is an error naming the shard, the record and its byte offset. Each
-episode is written as its own file, so an interrupted import keeps every finished episode.
+episode is written as its own file, so an interrupted import keeps every finished episode, and running
+it again with the same shards imports the rest.
 RLDS rows already follow this project's convention (row t: x_t, a_t, r_t after a_t), so rows are copied
 one to one. Seeds are unknown for imported data and stored as -1.
 """
@@ -47,7 +48,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from VRNN.hdf5_io import DataFileError, DiskFullError, EpisodeWriter, list_episode_files, remove_split
+from VRNN.hdf5_io import DataFileError, DiskFullError, EpisodeWriter, Split, list_episode_files, remove_split
 
 __all__ = ["FeatureSpec", "decode_frame", "import_shards", "load_features", "main", "parse_episode", "read_tfrecord"]
 
@@ -363,11 +364,12 @@ def import_shards(shards: Sequence[str | Path], out: str | Path, env: str = "unk
                   action_repeat: int = 2, policy: str = "dmc_vb", overwrite: bool = False,
                   features: str | Path | None = None, camera_key: str | None = None) -> int:
     """Convert every episode of ``shards`` (in order) into the split folder ``out`` (one file per episode);
-    returns the number of episodes written.
+    returns the number of episodes of ``shards`` that ``out`` holds (written now or by an earlier run).
 
     ``features``: a TFDS ``features.json`` (default: the one beside the first shard, when present). All
-    shards are checked to exist before anything is written. An ``out`` holding episodes is an error
-    unless ``overwrite``. A bad record stops the import with a ValueError; episodes already written stay.
+    shards are checked to exist before anything is written. An ``out`` holding episodes of the same
+    shards (an interrupted import) is completed; one holding other episodes is an error unless
+    ``overwrite``. A bad record stops the import with a ValueError; episodes already written stay.
     """
     shards = [Path(s) for s in shards]
     if not shards:
@@ -378,10 +380,17 @@ def import_shards(shards: Sequence[str | Path], out: str | Path, env: str = "unk
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a split folder (e.g. data/dmc_vb/walker-walk/train)")
+    source = ",".join(s.name for s in shards)
+    done: set[int] = set()
     if out.is_dir() and list_episode_files(out):
-        if not overwrite:
-            raise FileExistsError(f"{out} holds episodes already; pass --overwrite to replace them")
-        remove_split(out)
+        if overwrite:
+            remove_split(out)
+        else:
+            existing = Split(out)  # DataFileError naming a damaged episode
+            if existing.attrs.get("source") != source:
+                raise FileExistsError(f"{out} holds episodes of other shards; pass --overwrite to replace them")
+            done = set(existing.indices)  # an interrupted import of these shards: resume it
+            logger.info("%s holds %d episodes of these shards; importing the rest", out, len(done))
     features_path = Path(features) if features is not None else shards[0].parent / FEATURES_FILE
     specs = load_features(features_path) if (features is not None or features_path.is_file()) else None
     if specs is not None:
@@ -395,12 +404,15 @@ def import_shards(shards: Sequence[str | Path], out: str | Path, env: str = "unk
     try:
         for shard in shards:
             for i, record in enumerate(read_tfrecord(shard)):
+                if written in done:
+                    written += 1
+                    continue
                 episode = parse_episode(record, where=f"{shard} record {i}", features=specs, camera_key=camera_key)
                 if writer is None:
                     writer = EpisodeWriter(out, {
                         "env": env, "camera": int(camera), "action_repeat": int(action_repeat), "policy": policy,
                         "image_size": int(episode["obs"].shape[1]), "action_dim": int(episode["action"].shape[1]),
-                        "source": ",".join(s.name for s in shards)}, split=out.name)
+                        "source": source}, split=out.name)
                 writer.write_episode(episode, seed=-1, index=written)
                 written += 1
     finally:

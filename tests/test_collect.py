@@ -270,6 +270,13 @@ def test_old_single_file_splits_load_and_convert(tmp_path):
     for i, j in ((0, 0), (1, 1), (2, 3)):
         for key, value in new.read(i).items():
             assert np.array_equal(value, episodes[j][key]), key
+    # an interrupted conversion resumes; a folder of other episodes is refused
+    kept = (tmp_path / "train" / "ep_000000.h5").read_bytes()
+    (tmp_path / "train" / "ep_000003.h5").unlink()
+    assert convert_legacy(old, tmp_path / "train") == (1, ["episode_000002 (duplicate seed 11)"])
+    assert Split(tmp_path / "train").indices == [0, 1, 3] and (tmp_path / "train" / "ep_000000.h5").read_bytes() == kept
+    with pytest.raises(DataFileError, match="not converted from"):
+        convert_legacy(tmp_path / "eval.h5", tmp_path / "train")
     # with a train/ folder present the folder layout takes precedence only once test/ exists too
     result = _run("VRNN/collect_dmc.py", "convert", str(tmp_path / "eval.h5"), str(tmp_path / "test"))
     assert result.returncode == 0 and "1 episodes" in result.stdout

@@ -102,8 +102,15 @@ def test_cli_round_trip_and_overwrite(tmp_path):
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert first.returncode == 0, first.stderr
     assert "2 episodes" in first.stdout and verify(out) == []
+    first_bytes = (out / "ep_000001.h5").read_bytes()
+    (out / "ep_000001.h5").unlink()  # as if the first run had been killed after one episode
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
-    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 0 and "2 episodes" in again.stdout, again.stderr
+    assert (out / "ep_000001.h5").read_bytes() == first_bytes and verify(out) == []
+    _write_shard(tmp_path / "t.tfrecord", [_episode(rng, 4)], "example", "png")
+    other = subprocess.run(cmd[:2] + [str(tmp_path / "t.tfrecord"), "--out", str(out)], cwd=REPO, capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert other.returncode == 2 and "--overwrite" in other.stderr and "Traceback" not in other.stderr
     replaced = subprocess.run(cmd + ["--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert replaced.returncode == 0 and verify(out) == [] and summary(out)["episodes"] == 2
     missing = subprocess.run(cmd[:2] + [str(tmp_path / "nope.tfrecord"), "--out", str(tmp_path / "z")],
