@@ -12,7 +12,8 @@ x_t; the last row is zeros), ``reward`` float32 [N] (r_t received after a_t; las
 ``is_last``, ``is_terminal`` bool [N]; and attributes ``schema_version`` (2), ``env`` (canonical
 ``domain-task``), ``camera``, ``action_repeat``, ``policy``, ``image_size`` (S), ``action_dim`` (A),
 ``index`` (the number in the file name), ``seed`` (-1 when unknown), ``split``, and optionally
-``episode_length``, ``split_episodes`` (how many episodes the collection asked for) and ``source``.
+``episode_length``, ``split_episodes`` (how many episodes the collection asked for), ``source``
+(imported shards) and ``converted_from`` (the old split file).
 
 Crash safety: an episode file is built in memory, written under a hidden temporary name
 (``.ep_000017.h5.<pid>.tmp``), fsynced, linked to its final name (never over an existing file) and the
