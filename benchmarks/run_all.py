@@ -100,7 +100,7 @@ def step_section(preset: str, batch: int | None, seq: int | None, device: str, r
     harness = trainer_step.TrainerHarness(config, dev)
     gc.collect()
     rss_before = model_step._maxrss_mib()
-    flops = harness.count_flops()  # also the first, warm-up step (lazy initialisation, allocator)
+    flops, flops_by_part = harness.count_flops()  # also the first, warm-up step (lazy init, allocator)
     for _ in range(warmup):
         harness.step()
     if dev.type == "cuda":
@@ -122,6 +122,7 @@ def step_section(preset: str, batch: int | None, seq: int | None, device: str, r
         "step_s": times, "step_s_median": step_s, "step_s_best": min(times),
         "fps": harness.frames / step_s, "gflop_per_step": flops / 1e9, "gflop_per_frame": flops / 1e9 / harness.frames,
         "achieved_gflops": flops / step_s / 1e9, "machine": machine,
+        "gflop_per_frame_by_part": {k: v / 1e9 / harness.frames for k, v in flops_by_part.items()},
         "achieved_vs_matmul": flops / step_s / 1e9 / machine["matmul_gflops"],
         "peak_memory_mib": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if dev.type == "cuda"
@@ -378,6 +379,16 @@ def parts_table(results: dict[str, Any]) -> str:
     for name in fb_names:
         rows.append(f"| {name} (fwd + bwd) | " + " | ".join(
             f"{100 * s['profile']['forward_plus_backward'].get(name, 0.0):.1f} %" for s in steps.values()) + " |")
+    flop_names: list[str] = []
+    for s in steps.values():
+        for k in s.get("gflop_per_frame_by_part", {}):
+            if k not in flop_names:
+                flop_names.append(k)
+    if flop_names:
+        rows.append("| *GFLOP per frame (forward by part, the rest by phase):* |" + " |" * len(steps))
+        for name in flop_names:
+            rows.append(f"| {name} | " + " | ".join(
+                f"{s.get('gflop_per_frame_by_part', {}).get(name, 0.0):.3g}" for s in steps.values()) + " |")
     return "\n".join(rows)
 
 

@@ -6,7 +6,7 @@ Used by ``benchmarks/run_all.py``; importable on its own::
     h = TrainerHarness(step_config("cpu"), torch.device("cpu"))
     times = h.time_steps(repeats=3)             # seconds per full step (four tasks, aggregator, disc, EMA)
     profile = h.profile_step()                  # shares of each part, loop share, top ops
-    gflop = h.count_flops() / 1e9               # FlopCounterMode over one step
+    flops, by_part = h.count_flops()            # FlopCounterMode over one step, and by part
 
 Nothing here edits or depends on the model's internal names. Attribution works from the outside:
 
@@ -206,12 +206,42 @@ class TrainerHarness:
             times.append(time.perf_counter() - t0)
         return times
 
-    def count_flops(self) -> float:
+    def count_flops(self) -> tuple[float, dict[str, float]]:
         """FLOPs of one step (FlopCounterMode: matmuls, convolutions, attention, forward and backward;
-        elementwise work is not counted)."""
-        with FlopCounterMode(display=False) as counter:
+        elementwise work is not counted), and the same FLOPs by part: forward ops by the module that ran
+        them, the rest by phase (the per-task backward passes, the aggregator, ...)."""
+        phases: list[str] = []
+        paths: list[str] = []
+
+        @contextlib.contextmanager
+        def push(label: str):
+            stack = paths if label.startswith(MODULE_PREFIX) else phases
+            stack.append(label.split("/", 1)[1])
+            try:
+                yield
+            finally:
+                stack.pop()
+
+        by_part: dict[str, float] = defaultdict(float)
+
+        def where() -> str:
+            phase = phases[-1] if phases else None
+            if phase in ("forward", None) and paths:
+                return _forward_part(paths[-1], phase, False)
+            return {"forward": "forward: other", "task_gradients": "per-task gradients (backward)",
+                    "aggregate": "aggregator", "optimizer": "optimiser", "disc_forward": "discriminator step",
+                    "disc_optimizer": "discriminator step", "ema": "EMA update"}.get(phase, "trainer: other")
+
+        class PartFlops(FlopCounterMode):
+            def _count_flops(self, func_packet, out, args, kwargs):  # torch's hook per counted op
+                if func_packet in self.flop_registry:
+                    by_part[where()] += float(self.flop_registry[func_packet](*args, **kwargs, out_val=out))
+                return out
+
+        with instrument(self.trainer, scope=push), PartFlops(display=False) as counter:
             self.step()
-        return float(counter.get_total_flops())
+        total = sum(by_part.values()) or float(counter.get_total_flops())  # a torch without the hook: total only
+        return total, dict(sorted(by_part.items(), key=lambda kv: -kv[1]))
 
     def profile_step(self, top_ops: int = 12) -> dict[str, Any]:
         """One profiled step (after the caller's warm-up), broken down by part; see the module docstring."""
@@ -275,7 +305,7 @@ def instrument(trainer: Any, scope: Callable[[str], Any] = record_function, modu
         if isinstance(ema, torch.nn.Module):
             roots.append(ema)
         for root in roots if modules else []:
-            undo.extend(_module_scopes(root))
+            undo.extend(_module_scopes(root, scope))
         disc_params = {id(p) for p in getattr(trainer, "disc_params", [])}
         for obj_name, attr, label in (
             ("model", "compute_total_loss", "forward"), ("aggregator", "backward", "task_gradients"),
@@ -303,7 +333,7 @@ def instrument(trainer: Any, scope: Callable[[str], Any] = record_function, modu
             fn()
 
 
-def _module_scopes(root: torch.nn.Module) -> list[Callable[[], None]]:
+def _module_scopes(root: torch.nn.Module, scope: Callable[[str], Any] = record_function) -> list[Callable[[], None]]:
     handles = []
     for name, module in root.named_modules():
         if not name:
@@ -312,7 +342,7 @@ def _module_scopes(root: torch.nn.Module) -> list[Callable[[], None]]:
         stack: list[Any] = []
 
         def pre(_module, _args, label=label, stack=stack):
-            rf = record_function(label)
+            rf = scope(label)
             rf.__enter__()
             stack.append(rf)
 
@@ -334,6 +364,10 @@ def _wrap_attr(obj: Any, attr: str, label: str, scope: Callable[[str], Any] = re
     def wrapped(*args, **kwargs):
         with scope(label):
             return original(*args, **kwargs)
+
+    for marker in ("_wrapped_by_lr_sched",):  # what LRScheduler looks for on optimizer.step
+        if hasattr(original, marker):
+            setattr(wrapped, marker, getattr(original, marker))
 
     try:
         setattr(obj, attr, wrapped)
