@@ -102,7 +102,8 @@ def ensure_dataset(config: AIMEConfig, data_dir: Path | None, ctx: DistContext,
     """``DataSplits(train, validation, test)`` of ``data_dir`` (default ``data/<env>``): the split folders
     ``train/``, ``val/``, ``test/``, or the old files ``train.h5`` and ``eval.h5`` (``eval.h5`` then serves
     as both validation and test). A split folder that is missing or unfinished (an interrupted collection)
-    is collected first with the config's settings (rank 0 collects, the others wait at a barrier).
+    is collected first with the config's settings (rank 0 collects, the others wait at a barrier); only a
+    missing ``val/`` beside finished ``train/`` and ``test/`` is not collected: ``test/`` then serves.
 
     Raises ValueError in one line when ``data_dir`` is a file or its data is damaged or was made with other
     settings, InputError when the disk fills or the folder cannot be written; a signal during collection
@@ -118,6 +119,8 @@ def ensure_dataset(config: AIMEConfig, data_dir: Path | None, ctx: DistContext,
     # state of the folder than rank 0 did.
     todo = unfinished_splits(data_dir, config.train_episodes, config.val_episodes, config.eval_episodes) \
         if ctx.is_main else []
+    if todo == ["val"] and not (data_dir / "val").exists():
+        todo = []  # finished train/ and test/ without val/ (collected with 0): the test split serves, as it is
     if todo:
         logger.info("collecting the %s split(s) of %s into %s: %d train, %d validation and %d test episodes of "
                     "%d steps, %s policy", "/".join(todo), config.env, data_dir, config.train_episodes,

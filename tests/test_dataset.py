@@ -182,3 +182,19 @@ def test_ensure_dataset_collects_three_splits_resumes_and_reads_old_data(tmp_pat
     assert validation is test
     assert any("serves as both validation (best.pt) and test" in r.getMessage() for r in caplog.records)
     assert sorted(p.name for p in old.iterdir()) == ["eval.h5", "train.h5"]  # nothing collected beside it
+
+
+def test_two_split_folder_without_val_is_used_as_it_is(tmp_path):
+    from VRNN.aime_config import AIMEConfig
+    from VRNN.ddp_utils import DistContext
+    from VRNN.run_setup import ensure_dataset
+
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        _synthetic(data / split, [12, 12])
+        for f in (data / split).glob("ep_*.h5"):
+            with h5py.File(f, "a") as h:
+                h.attrs["split_episodes"] = 2
+    config = AIMEConfig.preset("smoke", val_episodes=3)
+    assert ensure_dataset(config, data, DistContext(), progress=False) == (data / "train", data / "test", data / "test")
+    assert not (data / "val").exists()
