@@ -402,23 +402,28 @@ def evaluate(model: nn.Module, dataset_or_loader, config=None, device: torch.dev
             usage_count += pi.shape[0] * pi.shape[1]
             _perceiver_accuracies(net, obs_l, keep)
 
-            # Context dependence: decode window i's frames from window i-1's z (and, separately, h).
+            # Context dependence: decode window i's frames from window i-1's z (and, separately, h); the
+            # three decodings (own, z swapped, h swapped) in one batch of 3B.
             if b >= 2 and hasattr(net, "reconstruction_nats"):
                 z, h, att = outputs["latents"], outputs["hidden_states"], outputs["attention_prior_maps"]
-                own = net.reconstruction_nats(obs_l, z, h, att).double()
-                keep("z_swap_gap", (net.reconstruction_nats(obs_l, z[other], h, att).double() - own).mean(1))
-                keep("h_swap_gap", (net.reconstruction_nats(obs_l, z, h[other], att).double() - own).mean(1))
+                nll = net.reconstruction_nats(obs_l.repeat(3, 1, 1, 1, 1), torch.cat([z, z[other], z]),
+                                              torch.cat([h, h, h[other]]), att.repeat(3, 1, 1, 1)).double()
+                own, z_swapped, h_swapped = nll.split(b)
+                keep("z_swap_gap", (z_swapped - own).mean(1))
+                keep("h_swap_gap", (h_swapped - own).mean(1))
 
-            # Open-loop prediction, and the same rollout driven by window i-1's actions.
-            future = net.generate_future_sequence(obs[:, :t0], actions[:, :t0], actions[:, t0:t0 + horizon],
-                                                  temperature=0.0)
-            pred = future["frames"].float().clamp(-1, 1)
-            shuffled = None
+            # Open-loop prediction, and the same rollout driven by window i-1's actions (one batch of 2B).
+            context_actions, future_actions = actions[:, :t0], actions[:, t0:t0 + horizon]
             if b >= 2:
-                ctx_actions = actions[:, :t0].clone()
-                ctx_actions[:, -1] = actions[other, t0 - 1]   # the action after frame T0 leads to step +1
-                shuffled = net.generate_future_sequence(obs[:, :t0], ctx_actions, actions[other, t0:t0 + horizon],
-                                                        temperature=0.0)["frames"].float()
+                shuffled_context = context_actions.clone()
+                shuffled_context[:, -1] = actions[other, t0 - 1]   # the action after frame T0 leads to step +1
+                context_actions = torch.cat([context_actions, shuffled_context])
+                future_actions = torch.cat([future_actions, future_actions[other]])
+            rollout_obs = obs[:, :t0].repeat(2 if b >= 2 else 1, 1, 1, 1, 1)
+            frames = net.generate_future_sequence(rollout_obs, context_actions, future_actions,
+                                                  temperature=0.0)["frames"].float()
+            pred = frames[:b].clamp(-1, 1)
+            shuffled = frames[b:] if b >= 2 else None
             target = obs[:, t0:t0 + horizon]
             batch_scores = score_open_loop(target, obs[:, :t0], pred, mean_frame.to(device), shuffled)
             if shuffled is None:       # a batch of one window has no other window's actions

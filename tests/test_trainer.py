@@ -85,9 +85,10 @@ def test_eval_only_reproduces_eval_json(smoke_run, tiny_dmc_data, tmp_path):
 
 
 def assert_json_close(a, b, path="eval.json"):
-    """Same keys and values, floats within 1e-5 relative (the same weights on the same windows). The z/h
-    swap gaps are differences of float32 per-frame NLL totals (~7e4 nats, one float32 step is 0.008 nats),
-    so they agree to 0.05 nats per frame."""
+    """Same keys and values, floats within 1e-5 relative (the same weights on the same windows). Two
+    processes' float32 per-frame NLL totals (~7e4 nats, one float32 step is 0.008 nats) can differ in the last
+    bit, so the z/h swap gaps (differences of such totals) agree to 0.05 nats per frame and the standard
+    errors (``*_se``, spreads of such totals) to 1e-3 relative."""
     if isinstance(b, dict):
         assert isinstance(a, dict) and a.keys() == b.keys(), path
         for key in b:
@@ -97,7 +98,8 @@ def assert_json_close(a, b, path="eval.json"):
         for i, (x, y) in enumerate(zip(a, b)):
             assert_json_close(x, y, f"{path}[{i}]")
     elif isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-5, abs=0.05 if "swap_gap" in path else 1e-6), path
+        assert a == pytest.approx(b, rel=1e-3 if path.rsplit("/", 1)[-1].split("[")[0].endswith("_se") else 1e-5,
+                                  abs=0.05 if "swap_gap" in path else 1e-6), path
     else:
         assert a == b, path
 
