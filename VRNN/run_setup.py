@@ -169,7 +169,7 @@ def write_config(run_dir: Path, config: AIMEConfig, ctx: DistContext, launch: di
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # one fixed name (rank 0 alone writes): a kill leaves no litter
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -344,13 +344,14 @@ def _train(args: argparse.Namespace, ctx: DistContext, report: bool, given: dict
         except (StopRequested, OSError) as exc:
             if isinstance(exc, OSError) and not _disk_full(exc):
                 raise
-            why = f"{exc.signal_name} received" if isinstance(exc, StopRequested) else f"the disk is full ({exc})"
-            logger.warning("%s while drawing the plots and report.md: stopped; eval.json and checkpoint %s are "
-                           "complete. Redo the evaluation and report with: python VRNN/main.py --eval-only "
-                           "--load-checkpoint %s --data-dir %s --run-dir %s", why, result.checkpoint,
-                           Path(run_dir) / "checkpoints" / "latest.pt",
-                           args.data_dir if args.data_dir is not None else default_data_dir(config.env), run_dir)
-            return 0 if isinstance(exc, StopRequested) else 2
+            stopped = isinstance(exc, StopRequested)
+            why = f"{exc.signal_name} received" if stopped else f"the disk is full ({exc})"
+            say = logger.warning if stopped else logger.error
+            say("%s while drawing the plots and report.md: stopped; eval.json and checkpoint %s are complete. "
+                "Redo the evaluation and report with: python VRNN/main.py --eval-only --load-checkpoint %s "
+                "--data-dir %s --run-dir %s", why, result.checkpoint, Path(run_dir) / "checkpoints" / "latest.pt",
+                args.data_dir if args.data_dir is not None else default_data_dir(config.env), run_dir)
+            return 0 if stopped else 2
     if ctx.is_main:
         logger.info("run directory: %s", run_dir)
     return 0
