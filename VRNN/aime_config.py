@@ -77,6 +77,7 @@ class AIMEConfig:
     perceiver_self_attn_layers: int = 2
     perceiver_temporal_layers: int = 2
     perceiver_max_seq_len: int = 64      # longest sequence the causal temporal transformer accepts
+    perceiver_recon_every: int = 1       # tokenizer reconstruction loss on every k-th frame (its decoder's cost)
 
     # Attention schema
     attention_resolution: int = 16       # R, attention maps are R x R
@@ -262,7 +263,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_components=8, latent_dim=16, hidden_dim=128, context_dim=64, attention_dim=32,
         sequence_length=8, encoder_channels=16, decoder_channels=16, num_mixtures=5,
         img_perceiver_channels=16, num_latent_perceiver=16, num_latent_channels_perceiver=64,
-        num_codebook_perceiver=128, perceiver_code_dim=32, perceiver_num_heads=2,
+        num_codebook_perceiver=128, perceiver_code_dim=32, perceiver_num_heads=2, perceiver_recon_every=4,
         perceiver_self_attn_layers=1, perceiver_temporal_layers=1, perceiver_max_seq_len=32,
         attention_resolution=16, num_slots=3, slot_dim=32, img_disc_layers=1, disc_num_heads=2,
         disc_channels=16, kl_samples=4, alpha_samples=2, batch_size=4, learning_rate=5e-4,

@@ -124,8 +124,9 @@ class _AttentionFiLM(nn.Module):
 class NVAEDecoder(nn.Module):
     """[z; h] [N, I] and the attention prior map [N, R, R] -> likelihood parameters [N, P, S, S].
 
-    An MLP gives a 4C x 4 x 4 map (C = ``channels``); four upsampling stages (nearest x2, conv3x3, FiLM by
-    the attention map, residual cell) reach S = image_size with widths 4C, 2C, C, C."""
+    An MLP gives a 4C x 4 x 4 map (C = ``channels``); four upsampling stages (nearest x2, conv3x3, GroupNorm,
+    swish, FiLM by the attention map, a residual cell except at full resolution) reach S = image_size with
+    widths 4C, 2C, C, C."""
 
     def __init__(self, input_dim: int, out_channels: int, channels: int = 64, image_size: int = 64,
                  use_se: bool = True, spectral_norm: bool = False, out_bias: Tensor | None = None) -> None:
@@ -137,10 +138,13 @@ class NVAEDecoder(nn.Module):
         self.cell0 = ResidualCell(top, use_se, spectral_norm)
         widths = [channels * max(1, 4 // 2**i) for i in range(n_up)]  # 4C, 2C, C, C
         ups, films, cells, cin = [], [], [], top
-        for cout in widths:
+        for i, cout in enumerate(widths):
             ups.append(nn.Sequential(_conv(cin, cout, sn=spectral_norm), nn.GroupNorm(_groups(cout), cout), nn.SiLU()))
             films.append(_AttentionFiLM(cout))
-            cells.append(ResidualCell(cout, use_se, spectral_norm))
+            # No residual cell at full resolution: at 64x64 it cost a third of the decoder's FLOPs
+            # (docs/MODEL_CHANGES.md); the upsampling conv and the output conv remain there.
+            last = i == len(widths) - 1
+            cells.append(nn.Identity() if last else ResidualCell(cout, use_se, spectral_norm))
             cin = cout
         self.ups, self.films, self.cells = nn.ModuleList(ups), nn.ModuleList(films), nn.ModuleList(cells)
         self.out = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(), nn.Conv2d(cin, out_channels, 3, padding=1))

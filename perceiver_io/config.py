@@ -33,6 +33,8 @@ _AIME_FIELDS = {
     "perceiver_temporal_layers": "num_temporal_layers",
     "perceiver_max_seq_len": "max_seq_len",
 }
+# Read when present (newer fields; older configs without them take the PerceiverIOConfig default).
+_OPTIONAL_AIME_FIELDS = {"perceiver_recon_every": "recon_every"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class PerceiverIOConfig:
                                          # 0.1 at decay 0.99: ~230 unused updates (1.0 churned targets)
     codebook_seed: int = 0               # seeds the choice of batch vectors that initialise the codebook
     recon_loss: str = "l1"               # "l1" | "mse", on pixels in [-1, 1]
+    # The tokenizer's reconstruction loss on every k-th frame of a batch only: its decoder (back to full
+    # resolution) is the Perceiver's largest cost, and a quarter of the frames train it about as well.
+    recon_every: int = 1
 
     # Per-frame Perceiver encoder
     num_latents: int = 128               # learned latents per frame
@@ -89,6 +94,7 @@ class PerceiverIOConfig:
         for name in positive:
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "a positive integer")
+        _check(self.recon_every >= 1, "recon_every", self.recon_every, "a positive integer")
         for name in ("num_res_blocks", "num_self_attn_layers", "num_temporal_layers"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, name, value, "a non-negative integer")
@@ -128,13 +134,16 @@ class PerceiverIOConfig:
 
         Reads ``image_size, img_perceiver_channels, perceiver_code_dim, num_codebook_perceiver,
         num_latent_perceiver, num_latent_channels_perceiver, context_dim, perceiver_num_heads,
-        perceiver_self_attn_layers, perceiver_temporal_layers, perceiver_max_seq_len``; ``overrides``
+        perceiver_self_attn_layers, perceiver_temporal_layers, perceiver_max_seq_len,
+        perceiver_recon_every``; ``overrides``
         (PerceiverIOConfig field names) win.
         """
         missing = [name for name in _AIME_FIELDS if not hasattr(aime_config, name)]
         if missing:
             raise ValueError(f"{type(aime_config).__name__} lacks the Perceiver fields {missing}")
         values = {ours: getattr(aime_config, theirs) for theirs, ours in _AIME_FIELDS.items()}
+        values.update({ours: getattr(aime_config, theirs) for theirs, ours in _OPTIONAL_AIME_FIELDS.items()
+                       if hasattr(aime_config, theirs)})
         values.update(overrides)
         return cls(**values)
 

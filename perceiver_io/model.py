@@ -83,8 +83,9 @@ class CausalPerceiverIO(nn.Module):
         frames = video.flatten(0, 1)                                                # [N,3,H,W]
         update = self.training and torch.is_grad_enabled()
         enc = self._encode_frames(frames, b, t, update=update)
-        recon = self.tokenizer.decode(enc["quantized"])                             # [N,3,H,W]
-        recon_loss = self.tokenizer.recon_loss(recon, frames)
+        every = self.config.recon_every                                            # frames 0, k, 2k, ...
+        recon = self.tokenizer.decode(enc["quantized"][::every])                    # [N/k,3,H,W]
+        recon_loss = self.tokenizer.recon_loss(recon, frames[::every])
         logits = self._decode_logits(enc, b, t, upto=t - 1)                          # [B,T-1,hw,K]
         targets = enc["indices"].view(b, t, -1)[:, 1:]                              # [B,T-1,hw]
         ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(),
