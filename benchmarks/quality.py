@@ -111,6 +111,10 @@ def train_one(config: AIMEConfig, train, validation, run_dir: Path, minutes: flo
             history.append({k: scalars[k] for k in ("bits_per_dim", "recon_loss", "kl_z", "step_time_s")
                             if k in scalars})
             bar.set_postfix(bpd=f"{scalars['bits_per_dim']:.3f}")
+            if done % 25 == 0:
+                logger.info("%s step %d: bits/dim %.3f, recon %.4f, KL_z %.5f nats/dim, %.2f s/step", run_dir.name,
+                            done, scalars["bits_per_dim"], scalars["recon_loss"], scalars["kl_z"],
+                            (time.perf_counter() - started) / done)
     bar.close()
     elapsed = time.perf_counter() - started
     trainer.save_checkpoint()
