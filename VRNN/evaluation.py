@@ -648,12 +648,12 @@ def _fmt(value, spec: str = ".4g") -> str:
     return format(value, spec)
 
 
-def _pm(e: Mapping[str, Any], key: str, spec: str = ".3g") -> str:
+def _pm(e: Mapping[str, Any], key: str, spec: str = ".3g", se_spec: str | None = None) -> str:
     """``value ± se`` of ``key`` (and ``key_se``) in the evaluation dict."""
     value, se = e.get(key), e.get(f"{key}_se")
     if value is None:
         return "n/a"
-    return _fmt(value, spec) + (f" ± {_fmt(se, spec)}" if se is not None else "")
+    return _fmt(value, spec) + (f" ± {_fmt(se, se_spec or spec)}" if se is not None else "")
 
 
 def _image(run_dir: Path, plot_paths: Mapping[str, Path], name: str, caption: str) -> list[str]:
@@ -764,7 +764,7 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
             lines.append(f"| reconstruction NLL gap when {what} comes from another window (nats/frame) | "
                          f"{_pm(e, f'{name}_swap_gap_nats_per_frame')} | 0: the decoder ignores {what} |")
     if e.get("recon_nats_per_frame") is not None:
-        lines.append(f"| reconstruction NLL, own states (nats/frame) | {_pm(e, 'recon_nats_per_frame', '.5g')} | scale "
+        lines.append(f"| reconstruction NLL, own states (nats/frame) | {_pm(e, 'recon_nats_per_frame', '.5g', '.3g')} | scale "
                      "of the gaps above |")
     if e.get("z_spread_ratio") is not None:
         lines.append(f"| spread of posterior means across windows / posterior std | {_pm(e, 'z_spread_ratio')} "
