@@ -38,7 +38,6 @@ __all__ = [
     "CheckpointWriteError",
     "all_finite",
     "check_compatible",
-    "find_latest",
     "find_resumable",
     "remove_temporary_files",
     "require_training_state",
@@ -93,16 +92,6 @@ def all_finite(state: dict[str, torch.Tensor]) -> bool:
     """Whether every floating-point tensor of a state dict is finite."""
     return all(bool(torch.isfinite(t).all()) for t in state.values()
                if isinstance(t, torch.Tensor) and torch.is_floating_point(t))
-
-
-def find_latest(checkpoint_dir: Path) -> Path | None:
-    """``latest.pt`` when present, else the highest numbered checkpoint, else ``None`` (no reading)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    latest = checkpoint_dir / "latest.pt"
-    if latest.is_file():
-        return latest
-    numbered = _numbered(checkpoint_dir)
-    return numbered[-1] if numbered else None
 
 
 def _numbered(checkpoint_dir: Path) -> list[Path]:
