@@ -3,6 +3,9 @@
 One step = ``compute_total_loss`` (forward of every part) + the four task gradients through
 ``multi_task_learning``'s RGB ``backward`` (per-task gradients, rotation, aggregation) + an AdamW step.
 The discriminator's own update is not included (it is a separate, much smaller step).
+``benchmarks/run_all.py`` measures the trainer's own step instead (``DMCVBTrainer.train_step``: the same
+plus clipping, the discriminator step and the EMA update), with a profile by part; it reuses this file's
+``machine_throughput`` and memory helpers.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one such step (matmuls,
 convolutions and attention, forward and backward; elementwise work is not counted), and the achieved
