@@ -78,6 +78,10 @@ class AIMEConfig:
     perceiver_temporal_layers: int = 2
     perceiver_max_seq_len: int = 64      # longest sequence the causal temporal transformer accepts
     perceiver_recon_every: int = 1       # tokenizer reconstruction loss on every k-th frame (its decoder's cost)
+    # Whether the ELBO's gradient reaches the Perceiver through c_t (MODEL.md §2.1: yes). False: the
+    # posterior reads c_t detached and the Perceiver learns from its own task alone, so its parameters are
+    # no longer shared between two tasks and the step walks the Perceiver's backward once, not twice.
+    perceiver_elbo_gradient: bool = True
 
     # Attention schema
     attention_resolution: int = 16       # R, attention maps are R x R

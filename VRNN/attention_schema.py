@@ -212,7 +212,7 @@ class AttentionSchema(nn.Module):
         sizes = {"hidden_dim": hidden_dim, "context_dim": context_dim, "latent_dim": latent_dim,
                  "attention_dim": attention_dim, "num_slots": num_slots, "slot_dim": slot_dim}
         for name, value in sizes.items():
-            if value < 1:
+            if value < (0 if name == "context_dim" else 1):  # context_dim 0: no Perceiver, learned seeds
                 raise ValueError(f"AttentionSchema {name}={value} is invalid: expected a positive integer")
         self.hidden_dim, self.context_dim, self.latent_dim = hidden_dim, context_dim, latent_dim
         self.attention_dim, self.resolution, self.num_slots = attention_dim, resolution, num_slots

@@ -116,7 +116,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
 
         self.encoder = NVAEEncoder(c.encoder_channels, size, c.use_squeeze_excitation, c.use_spectral_norm)
         self.perceiver = CausalPerceiverIO(PerceiverIOConfig.from_aime_config(c)) if c.use_perceiver else None
-        attention = AttentionSchema(c.hidden_dim, c.context_dim, c.latent_dim, c.attention_dim,
+        attention = AttentionSchema(c.hidden_dim, c.context_dim if c.use_perceiver else 0, c.latent_dim, c.attention_dim,
                                     resolution=c.attention_resolution, num_slots=c.num_slots,
                                     slot_dim=c.slot_dim, iterations=c.slot_iterations,
                                     image_size=size) if c.use_attention else None
@@ -306,7 +306,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         perc = self._context(x, perceiver_loss)
         context = perc["context"]
         att = self._attention_posterior(frames, context, b, t)
-        side = context if att is None else torch.cat([context, att["state"]], dim=-1)
+        read = context if self.config.perceiver_elbo_gradient else context.detach()
+        side = read if att is None else torch.cat([read, att["state"]], dim=-1)
         if is_first is not None:
             if tuple(is_first.shape) != (b, t):
                 raise ValueError(f"is_first must have shape [B={b}, T={t}], got {tuple(is_first.shape)}")
@@ -523,7 +524,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
     def task_parameters(self) -> dict[str, list[nn.Parameter]]:
         """The generator parameters each task trains (its graph may reach others; it does not train them).
 
-        - ``total_vae_loss`` (ELBO): every generator parameter;
+        - ``total_vae_loss`` (ELBO): every generator parameter (but the Perceiver's when
+          ``config.perceiver_elbo_gradient`` is False);
         - ``perceiver_loss``: the Perceiver's;
         - ``attention_loss``: the attention schema's (it reads h_t, z_{t-1} and c_t detached);
         - ``adversarial_loss``: the decoder's: the adversarial task shapes the images, not the state.
@@ -531,6 +533,9 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         the others take their single task's gradient."""
         gen = [p for p in self.generator_parameters() if p.requires_grad]
         own = lambda module: [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        if not self.config.perceiver_elbo_gradient:
+            perceiver = {id(p) for p in own(self.perceiver)}
+            gen = [p for p in gen if id(p) not in perceiver]
         return {"total_vae_loss": gen, "perceiver_loss": own(self.perceiver),
                 "attention_loss": own(self.cell.attention),
                 "adversarial_loss": own(self.decoder) if self.discriminator is not None else []}

@@ -67,8 +67,8 @@ class ResidualCell(nn.Module):
 class NVAEEncoder(nn.Module):
     """x [N, 3, S, S] in [-1, 1] (S = image_size) -> (f [N, F], feature maps).
 
-    Widths C, 2C, 4C, 4C at resolutions S/2 .. S/16 (C = ``channels``); a 1x1 projection to C channels at
-    4x4 gives F = 16 C. ``forward`` also returns the maps after each stage (for Gram anchoring)."""
+    A space-to-depth stem (2x2 blocks -> 12 channels at S/2), then widths C, 2C, 4C, 4C at resolutions
+    S/2 .. S/16 (C = ``channels``); a 1x1 projection to C channels at 4x4 gives F = 16 C. ``forward`` also returns the maps after each stage (for Gram anchoring)."""
 
     def __init__(self, channels: int = 64, image_size: int = 64, use_se: bool = True,
                  spectral_norm: bool = False) -> None:
@@ -77,12 +77,14 @@ class NVAEEncoder(nn.Module):
         if 4 * 2**n_down != image_size:
             raise ValueError(f"image_size={image_size} is invalid: expected 4 * 2^k")
         widths = [channels * min(2**i, 4) for i in range(n_down)]
-        self.stem = _conv(3, channels, sn=spectral_norm)
+        # Space-to-depth stem: 2x2 pixel blocks become 12 channels at S/2, so no convolution runs at full
+        # resolution (the costliest memory traffic of the step; docs/MODEL_CHANGES.md).
+        self.stem = nn.Sequential(nn.PixelUnshuffle(2), _conv(12, channels, sn=spectral_norm))
         stages, cin = [], channels
-        for cout in widths:
+        for i, cout in enumerate(widths):
             # GroupNorm + swish on the main path: with the residual gates at 0 the network must still be
             # non-linear from the first step (docs/MODEL_CHANGES.md).
-            stages.append(nn.Sequential(_conv(cin, cout, stride=2, sn=spectral_norm),
+            stages.append(nn.Sequential(_conv(cin, cout, stride=1 if i == 0 else 2, sn=spectral_norm),
                                         nn.GroupNorm(_groups(cout), cout), nn.SiLU(),
                                         ResidualCell(cout, use_se, spectral_norm)))
             cin = cout
@@ -124,9 +126,9 @@ class _AttentionFiLM(nn.Module):
 class NVAEDecoder(nn.Module):
     """[z; h] [N, I] and the attention prior map [N, R, R] -> likelihood parameters [N, P, S, S].
 
-    An MLP gives a 4C x 4 x 4 map (C = ``channels``); four upsampling stages (nearest x2, conv3x3, GroupNorm,
-    swish, FiLM by the attention map, a residual cell except at full resolution) reach S = image_size with
-    widths 4C, 2C, C, C."""
+    An MLP gives a 4C x 4 x 4 map (C = ``channels``); upsampling stages (nearest x2, conv3x3, GroupNorm, swish,
+    FiLM by the attention map, a residual cell) reach S/2 with widths 4C, 2C, C; a sub-pixel convolution
+    (conv3x3 to 4P channels, depth-to-space) gives the P parameter maps at S = image_size."""
 
     def __init__(self, input_dim: int, out_channels: int, channels: int = 64, image_size: int = 64,
                  use_se: bool = True, spectral_norm: bool = False, out_bias: Tensor | None = None) -> None:
@@ -136,22 +138,24 @@ class NVAEDecoder(nn.Module):
         self.top = top
         self.fc = nn.Sequential(nn.Linear(input_dim, 2 * top), nn.SiLU(), nn.Linear(2 * top, top * 16))
         self.cell0 = ResidualCell(top, use_se, spectral_norm)
-        widths = [channels * max(1, 4 // 2**i) for i in range(n_up)]  # 4C, 2C, C, C
+        # Upsampling stages to S/2; the last step to full resolution is a sub-pixel convolution (ESPCN: one
+        # conv at S/2 to 4P channels, then depth-to-space), so no convolution runs at S x S: at 64x64 the
+        # last stage had cost half of the decoder's FLOPs (docs/MODEL_CHANGES.md).
+        widths = [channels * max(1, 4 // 2**i) for i in range(n_up - 1)]  # 4C, 2C, C
         ups, films, cells, cin = [], [], [], top
-        for i, cout in enumerate(widths):
+        for cout in widths:
             ups.append(nn.Sequential(_conv(cin, cout, sn=spectral_norm), nn.GroupNorm(_groups(cout), cout), nn.SiLU()))
             films.append(_AttentionFiLM(cout))
-            # No residual cell at full resolution: at 64x64 it cost a third of the decoder's FLOPs
-            # (docs/MODEL_CHANGES.md); the upsampling conv and the output conv remain there.
-            last = i == len(widths) - 1
-            cells.append(nn.Identity() if last else ResidualCell(cout, use_se, spectral_norm))
+            cells.append(ResidualCell(cout, use_se, spectral_norm))
             cin = cout
         self.ups, self.films, self.cells = nn.ModuleList(ups), nn.ModuleList(films), nn.ModuleList(cells)
-        self.out = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(), nn.Conv2d(cin, out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(),
+                                 nn.Conv2d(cin, 4 * out_channels, 3, padding=1), nn.PixelShuffle(2))
         if out_bias is not None:  # the likelihood's preferred starting point (e.g. sensible log-scales)
             with torch.no_grad():
-                self.out[-1].bias.copy_(out_bias)
-                self.out[-1].weight.mul_(0.1)
+                # depth-to-space takes conv channel 4c + k to output channel c
+                self.out[-2].bias.copy_(out_bias.repeat_interleave(4))
+                self.out[-2].weight.mul_(0.1)
 
     def forward(self, x: Tensor, attention_map: Tensor) -> Tensor:
         """x [N, I], attention_map [N, R, R] (sums to 1) -> params [N, P, S, S]."""
