@@ -24,5 +24,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Speed figures (benchmarks/results.json and the README's Performance table); quality per minute is
+# benchmarks/quality.py (the ablation ladder, minutes per configuration).
+bench: $(STAMP)
+	MUJOCO_GL=$${MUJOCO_GL:-egl} $(PY) benchmarks/run_all.py
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
