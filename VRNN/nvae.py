@@ -68,7 +68,8 @@ class NVAEEncoder(nn.Module):
     """x [N, 3, S, S] in [-1, 1] (S = image_size) -> (f [N, F], feature maps).
 
     A space-to-depth stem (2x2 blocks -> 12 channels at S/2), then widths C, 2C, 4C, 4C at resolutions
-    S/2 .. S/16 (C = ``channels``); a 1x1 projection to C channels at 4x4 gives F = 16 C. ``forward`` also returns the maps after each stage (for Gram anchoring)."""
+    S/2 .. S/16 (C = ``channels``); a 1x1 projection to C channels at 4x4 gives F = 16 C. ``forward`` also
+    returns the maps after each stage (for Gram anchoring)."""
 
     def __init__(self, channels: int = 64, image_size: int = 64, use_se: bool = True,
                  spectral_norm: bool = False) -> None:

@@ -174,7 +174,7 @@ def test_posterior_learns_to_attend_to_a_bright_square(one_thread):
     m = make(resolution=8)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    h, c = torch.zeros(8, H), torch.zeros(8, C)
+    c = torch.zeros(8, C)
     for _ in range(50):
         x, mask = -torch.ones(8, 3, 64, 64), torch.zeros(8, 8, 8)
         for i, (r, col) in enumerate(torch.randint(0, 7, (8, 2), generator=g).tolist()):
