@@ -81,6 +81,8 @@ class AIMEConfig:
     # Whether the ELBO's gradient reaches the Perceiver through c_t (MODEL.md §2.1: yes). False: the
     # posterior reads c_t detached and the Perceiver learns from its own task alone, so its parameters are
     # no longer shared between two tasks and the step walks the Perceiver's backward once, not twice.
+    # cpu preset: False (benchmarks/quality.py, cheetah-run, 12 min on one core each: 881 vs 799 steps,
+    # open-loop PSNR over +1..+8 25.5 vs 25.3 dB, recon 28.6 vs 28.4 dB; docs/MODEL_CHANGES.md).
     perceiver_elbo_gradient: bool = True
 
     # Attention schema
@@ -268,6 +270,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         sequence_length=8, encoder_channels=16, decoder_channels=16, num_mixtures=5,
         img_perceiver_channels=16, num_latent_perceiver=16, num_latent_channels_perceiver=64,
         num_codebook_perceiver=128, perceiver_code_dim=32, perceiver_num_heads=2, perceiver_recon_every=4,
+        perceiver_elbo_gradient=False,
         perceiver_self_attn_layers=1, perceiver_temporal_layers=1, perceiver_max_seq_len=32,
         attention_resolution=16, num_slots=3, slot_dim=32, img_disc_layers=1, disc_num_heads=2,
         disc_channels=16, kl_samples=4, alpha_samples=2, batch_size=4, learning_rate=5e-4,
