@@ -585,7 +585,9 @@ def make_evaluation_plots(model: nn.Module, batch: Mapping[str, torch.Tensor], e
     ``evaluate`` (PSNR-vs-horizon figure, component usage). metrics_path: the run's metrics.jsonl for
     the loss and gradient-cosine curves (default: ``out_dir/../metrics.jsonl`` when it exists).
     Figures: loss_curves, grad_cosines (when the metrics have them), reconstruction, open_loop,
-    psnr_vs_horizon, mixture_weights, attention and attention_imagined (``visualize_attention``), and the
+    psnr_vs_horizon, mixture_weights, component_gallery (the frames each mixture component claims most
+    strongly, over all windows of ``batch``), dominant_component (over the first window: observed, then
+    imagined), attention and attention_imagined (``visualize_attention``), and the
     animated rollout_gif (T0 + F frames). Same eval-mode and RNG guarantees as ``evaluate``.
     """
     from VRNN import vrnn_plots as plots
@@ -605,8 +607,11 @@ def make_evaluation_plots(model: nn.Module, batch: Mapping[str, torch.Tensor], e
     if length < t0 + horizon:
         raise ValueError(f"the plotting batch has {length} frames, {t0} + {horizon} are needed")
     t_loss = min(length, int(config.sequence_length))
+    all_obs = _to_unit_range(batch["observations"]).to(device)
+    all_actions = batch["actions"].float().to(device)
     with _eval_mode(net), _forked_rng(device, seed):
         outputs = net.forward_sequence(obs[:, :t_loss], actions[:, :t_loss])
+        gallery_out = net.forward_sequence(all_obs[:, :t_loss], all_actions[:, :t_loss])
         future = net.generate_future_sequence(obs[:, :t0], actions[:, :t0], actions[:, t0:t0 + horizon],
                                               temperature=0.0)
     truth = obs[0, t0:t0 + horizon].cpu()
@@ -627,6 +632,15 @@ def make_evaluation_plots(model: nn.Module, batch: Mapping[str, torch.Tensor], e
     paths["mixture_weights"] = plots.plot_mixture_weights(
         _first(outputs["pi"]), out_dir / "mixture_weights.png", usage=eval_dict.get("component_usage"),
         threshold=USAGE_THRESHOLD)
+    # What the mixture components mean: each frame's posterior latent, assigned to the prior's components.
+    resp = plots.component_responsibilities(gallery_out["z_means"], gallery_out["pi"].clamp_min(1e-12).log(),
+                                            gallery_out["prior_means"], gallery_out["prior_logvars"])
+    paths["component_gallery"] = plots.plot_component_gallery(
+        all_obs[:, :t_loss].flatten(0, 1).cpu(), resp.flatten(0, 1), out_dir / "component_gallery.png")
+    seen = min(t0, t_loss)  # the observed steps before the imagined ones
+    paths["dominant_component"] = plots.plot_dominant_component(
+        resp[0, :seen], out_dir / "dominant_component.png", imagined_pi=future["pi"][0].cpu(),
+        frames=torch.cat([obs[0, :seen].cpu(), pred]))
     if visualize_attention:
         paths["attention"] = plots.plot_attention_maps(
             obs[0, :t_loss].cpu(), _first(outputs["attention_maps"]), out_dir / "attention.png",
@@ -807,6 +821,8 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
                   "|---|" + "---:|" * len(usage),
                   "| mean π | " + " | ".join(_fmt(u, ".3f") for u in usage) + " |", ""]
     lines += _image(run_dir, plot_paths, "mixture_weights", "Mixture weights and component usage")
+    lines += _image(run_dir, plot_paths, "component_gallery", "Frames each component claims most strongly")
+    lines += _image(run_dir, plot_paths, "dominant_component", "Dominant component over a window")
 
     if "attention" in plot_paths or "attention_imagined" in plot_paths:
         lines += ["## Attention", ""]
@@ -817,7 +833,7 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
         lines += _image(run_dir, plot_paths, "loss_curves", "Loss curves")
         lines += _image(run_dir, plot_paths, "grad_cosines", "Cosine between task gradients")
     known = {"psnr_vs_horizon", "open_loop", "rollout_gif", "reconstruction", "mixture_weights", "attention",
-             "attention_imagined", "loss_curves", "grad_cosines"}
+             "attention_imagined", "loss_curves", "grad_cosines", "component_gallery", "dominant_component"}
     extra = [name for name in plot_paths if name not in known]
     if extra:
         lines += ["## Other figures", ""]

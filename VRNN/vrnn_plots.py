@@ -19,6 +19,9 @@ import torch
 from VRNN.metrics_log import metric_series, read_metrics
 
 __all__ = [
+    "component_responsibilities",
+    "plot_component_gallery",
+    "plot_dominant_component",
     "plot_attention_maps",
     "plot_loss_curves",
     "plot_mixture_weights",
@@ -240,6 +243,87 @@ def plot_psnr_vs_horizon(eval_dict: Mapping[str, object], path: str | Path) -> P
     if isinstance(verdict, Mapping) and verdict.get("code"):
         title += f"\nverdict: {verdict['code'].replace('_', ' ')}"
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixture components
+def component_responsibilities(z, log_pi, means, logvars) -> torch.Tensor:
+    """Posterior responsibility of each prior component for the latent it explains.
+
+    z [..., D] (posterior draws or means), log_pi [..., K], means / logvars [..., K, D] (the prior's
+    components at the same steps) -> r [..., K] with r_k = pi_k N(z; mu_k, sigma_k^2) / sum_j (...)."""
+    z, means, logvars = torch.as_tensor(z).double(), torch.as_tensor(means).double(), torch.as_tensor(logvars).double()
+    log_n = -0.5 * (((z.unsqueeze(-2) - means) ** 2) / logvars.exp() + logvars + math.log(2 * math.pi)).sum(-1)
+    return (log_n + torch.as_tensor(log_pi).double()).softmax(-1)
+
+
+def plot_component_gallery(frames, responsibilities, path: str | Path, per_component: int = 6,
+                           min_frames: int = 1) -> Path | None:
+    """For each mixture component, the frames it claims most strongly (highest responsibility among the
+    frames whose most responsible component it is). frames [N,3,H,W] in [-1,1], responsibilities [N,K].
+    Components that claim fewer than ``min_frames`` frames are left out; None when none qualifies."""
+    f = to_uint8_frames(frames)
+    r = _np(responsibilities)
+    if r.ndim != 2 or r.shape[0] != f.shape[0]:
+        raise ValueError(f"responsibilities must be [N={f.shape[0]}, K], got shape {r.shape}")
+    owner = r.argmax(1)
+    rows = []
+    for k in range(r.shape[1]):
+        mine = np.nonzero(owner == k)[0]
+        if len(mine) >= min_frames:
+            best = mine[np.argsort(-r[mine, k])][:per_component]
+            rows.append((k, best, len(mine)))
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), per_component, figsize=(1.3 * per_component, 1.4 * len(rows)), squeeze=False)
+    for i, (k, best, count) in enumerate(rows):
+        for j in range(per_component):
+            ax = axes[i, j]
+            ax.axis("off")
+            if j < len(best):
+                ax.imshow(f[best[j]])
+                ax.set_title(f"r={r[best[j], k]:.2f}", fontsize=6)
+        axes[i, 0].text(-0.1, 0.5, f"k={k}\n{count} fr.", transform=axes[i, 0].transAxes, ha="right", va="center",
+                        fontsize=7)
+    fig.suptitle("Frames each mixture component claims most strongly (posterior responsibility)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_dominant_component(observed_resp, path: str | Path, imagined_pi=None, frames=None) -> Path:
+    """The dominant component over a window: argmax responsibility on the observed steps (observed_resp
+    [T,K]) and, when given, argmax of the prior's weights on the imagined steps (imagined_pi [F,K]);
+    frames [T+F,3,H,W] (optional) are shown above the strip."""
+    r = _np(observed_resp)
+    k = r.shape[-1]
+    dominant = list(r.argmax(-1))
+    strength = list(r.max(-1))
+    n_obs = len(dominant)
+    if imagined_pi is not None:
+        p = _np(imagined_pi)
+        dominant += list(p.argmax(-1))
+        strength += list(p.max(-1))
+    plt = _pyplot()
+    has_frames = frames is not None
+    fig, axes = plt.subplots(2 if has_frames else 1, 1, figsize=(max(6, 0.55 * len(dominant)), 3.2 if has_frames else 2.2),
+                             squeeze=False, gridspec_kw={"height_ratios": [1, 1.2]} if has_frames else None)
+    if has_frames:
+        f = to_uint8_frames(frames)[:len(dominant)]
+        axes[0, 0].imshow(np.concatenate(list(f), axis=1))
+        axes[0, 0].axis("off")
+    ax = axes[-1, 0]
+    colors = plt.get_cmap("tab20")(np.array(dominant) % 20)
+    ax.bar(np.arange(len(dominant)), strength, color=colors, width=0.9)
+    for t, c in enumerate(dominant):
+        ax.text(t, 0.02, str(c), ha="center", va="bottom", fontsize=7)
+    ax.axvline(n_obs - 0.5, color="k", lw=1, ls="--")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlim(-0.5, len(dominant) - 0.5)
+    ax.set_xlabel(f"step (left of the dashed line: observed, responsibility; right: imagined, prior weight); K = {k}")
+    ax.set_ylabel("dominant\ncomponent")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -223,7 +223,7 @@ def test_plots_gif_and_report(model, data, config, result, tmp_path):
     batch = next(iter(DataLoader(data, batch_size=2)))
     paths = make_evaluation_plots(model, batch, result, run_dir / "plots", visualize_attention=True)
     expected = {"loss_curves", "grad_cosines", "reconstruction", "open_loop", "psnr_vs_horizon",
-                "mixture_weights", "attention", "rollout_gif"}
+                "mixture_weights", "attention", "rollout_gif", "dominant_component", "component_gallery"}
     assert expected <= set(paths)
     for name, path in paths.items():
         assert path.is_file() and path.stat().st_size > 0, name
@@ -423,3 +423,18 @@ def test_trainer_selects_on_validation_and_reports_on_test(tiny_dmc_data, tmp_pa
     assert final["mean_frame_source"] == "training split"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("test/bits_per_dim" in r for r in rows) and any("eval/bits_per_dim" in r for r in rows)
+
+
+def test_component_responsibilities_and_gallery(tmp_path):
+    """Responsibilities are a distribution over components and pick the component a latent sits in."""
+    from VRNN.vrnn_plots import component_responsibilities, plot_component_gallery
+
+    means = torch.tensor([[[-3.0, 0.0], [3.0, 0.0]]]).expand(4, 2, 2)
+    logvars = torch.zeros(4, 2, 2)
+    z = torch.tensor([[-3.0, 0.1], [2.9, 0.0], [3.2, 0.3], [-2.5, 0.0]])
+    r = component_responsibilities(z, torch.log(torch.full((4, 2), 0.5)), means, logvars)
+    torch.testing.assert_close(r.sum(-1), torch.ones(4, dtype=r.dtype))
+    assert r.argmax(-1).tolist() == [0, 1, 1, 0]
+    frames = torch.rand(4, 3, 64, 64) * 2 - 1
+    path = plot_component_gallery(frames, r, tmp_path / "gallery.png", per_component=2)
+    assert path is not None and path.stat().st_size > 0
