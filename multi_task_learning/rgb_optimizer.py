@@ -218,16 +218,7 @@ class GradientAggregator:
             dtype = torch.promote_types(dtype, g.dtype)
         G = torch.cat([g.reshape(len(loss_list), -1).to(dtype) for _, g in used], dim=1)  # [T, D]
         combined = self.aggregate(G)
-        offset = 0
-        with torch.no_grad():
-            for p, _ in used:
-                n = p.numel()
-                g = combined[offset:offset + n].view(p.shape).to(p.dtype)
-                offset += n
-                if p.grad is None:
-                    p.grad = g.clone(memory_format=torch.contiguous_format)
-                else:
-                    p.grad.add_(g)
+        self._write(used, combined)
         diag = dict(self.last_diagnostics)
         diag.update(task_names=names, batched=used_batched)
         return diag
