@@ -442,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits = collect_dataset(name, out, args.episodes, args.eval_episodes, args.episode_length,
                                  args.policy, args.seed, args.action_repeat, not args.quiet,
                                  args.overwrite, args.image_size, val_episodes=args.val_episodes)
+        for path in dict.fromkeys(splits):  # inside the try: a signal while summarising is one line too
+            info = summary(path)
+            print(f"{path}: {info['episodes']} episodes, {info['steps']} steps, action_dim={info['action_dim']}")
     except CollectionInterrupted as err:
         print(f"interrupted by {signal.Signals(err.signum).name}: the episode under way was dropped, finished "
               f"episodes are kept in {out}; run the same command again to resume", file=sys.stderr)
@@ -456,9 +459,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"error: cannot write to {out}: {err}", file=sys.stderr)
         return 2
-    for path in dict.fromkeys(splits):
-        info = summary(path)
-        print(f"{path}: {info['episodes']} episodes, {info['steps']} steps, action_dim={info['action_dim']}")
     return 0
 
 

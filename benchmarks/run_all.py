@@ -36,6 +36,7 @@ import argparse
 import concurrent.futures
 import datetime
 import gc
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -50,16 +51,28 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from VRNN.aime_config import PRESETS
+
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402
 
-import collect as collect_bench  # noqa: E402  (benchmarks/collect.py)
-import model_step  # noqa: E402  (benchmarks/model_step.py)
-import trainer_step  # noqa: E402  (benchmarks/trainer_step.py)
-from VRNN.aime_config import PRESETS  # noqa: E402
+def _sibling(name: str):
+    """The benchmark module ``benchmarks/<name>.py``, loaded from its file (no sys.path edit); registered
+    under ``name`` so that spawned workers (whose sys.path starts with this folder) unpickle its functions."""
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(HERE / f"{name}.py"):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+collect_bench = _sibling("collect")        # benchmarks/collect.py
+model_step = _sibling("model_step")        # benchmarks/model_step.py
+trainer_step = _sibling("trainer_step")    # benchmarks/trainer_step.py
 
 SECTIONS = ("step", "tscale", "aggregator", "data", "collect", "imagine")
 REAL_TIME_FPS = 50.0  # DMC: control timestep 10 ms x action repeat 2 = one agent step per 20 ms

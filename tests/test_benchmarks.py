@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_run_all():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
