@@ -362,7 +362,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         attention = self.cell.attention
         zeros = h.new_zeros(b, t)
         if att is None:
-            uniform = self.cell.uniform_map(b * t).view(b, t, *self.cell.uniform_map(1).shape[1:])
+            r = self.cell.attention_resolution
+            uniform = self.cell.uniform_map(b * t).view(b, t, r, r)
             out.update(map=uniform, prior_map=uniform, slot_maps=uniform.unsqueeze(2),
                        center=h.new_zeros(b, t, 2), s=h.new_zeros(b, t, 0), attention_kl=zeros,
                        attention_dynamics=zeros, attention_diversity=zeros)
