@@ -29,7 +29,7 @@ import torch
 
 from VRNN.aime_config import AIMEConfig
 from VRNN.fault_points import fault_point
-from VRNN.vrnn_utilities import CHECKPOINT_FORMAT_VERSION, CheckpointError, load_checkpoint
+from VRNN.vrnn_utilities import CheckpointError, load_checkpoint, save_checkpoint
 
 __all__ = [
     "RUN_ONLY_FIELDS",
@@ -185,26 +185,16 @@ class _PausingWriter:
 def write_checkpoint_file(path: Path, payload: dict[str, Any], step: int | None = None) -> Path:
     """``payload`` (plus ``format_version``) to ``path`` atomically: temporary file, fsync, rename.
 
-    The same file as ``vrnn_utilities.save_checkpoint`` writes, with the fault points in between. On any
+    ``vrnn_utilities.save_checkpoint`` with the fault points in between. On any
     error the temporary file is removed and an ``OSError`` becomes ``CheckpointWriteError``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": CHECKPOINT_FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, _PausingWriter(handle, step))
-            handle.flush()
-            os.fsync(handle.fileno())
-        fault_point("checkpoint:written", step)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, CheckpointWriteError):
-            raise CheckpointWriteError(exc.errno, f"{path}: {exc.strerror or exc}") from exc
-        raise
-    return path
+        return save_checkpoint(path, payload, wrap_handle=lambda handle: _PausingWriter(handle, step),
+                               before_rename=lambda: fault_point("checkpoint:written", step))
+    except OSError as exc:
+        if isinstance(exc, CheckpointWriteError):
+            raise
+        raise CheckpointWriteError(exc.errno, f"{path}: {exc.strerror or exc}") from exc
 
 
 class CheckpointManager:

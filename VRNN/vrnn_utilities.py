@@ -95,17 +95,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus ``format_version``) atomically: temp file in the same folder, then rename."""
+def save_checkpoint(path: str | Path, payload: dict[str, Any], wrap_handle=None, before_rename=None) -> Path:
+    """Write ``payload`` (plus ``format_version``) atomically: temp file in the same folder, fsync, rename.
+
+    ``wrap_handle(handle)`` (optional) returns the file object ``torch.save`` writes to, and
+    ``before_rename()`` (optional) runs between the fsync and the rename; the trainer's checkpoint writer
+    uses both for its fault points. On any error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": CHECKPOINT_FORMAT_VERSION, **payload}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            torch.save(payload, handle if wrap_handle is None else wrap_handle(handle))
             handle.flush()
             os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
