@@ -62,6 +62,7 @@ PREDICTORS = ("pred", "copy_last", "context_mean", "train_mean")
 BASELINES = ("copy_last", "context_mean", "train_mean")
 FRAME_METRICS = ("psnr", "moving_psnr", "ssim")
 BASELINE_NAMES = {"copy_last": "copy-last-frame", "context_mean": "context mean", "train_mean": "mean training frame"}
+USAGE_THRESHOLD = 0.01    # a component counts as used when its mean prior weight exceeds this
 # Controls whose failure the verdict line names (the ratio must exceed 1, the gaps 0, by SIGNIFICANCE SE).
 # A swap gap below this many nats per frame counts as "no effect" whatever its SE. The per-frame NLL is a
 # float32 sum of ~7e4 nats for a 64x64 frame, so gaps are resolved to about 0.01 nats; 0.1 is well above that.
