@@ -263,17 +263,21 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # The sizes of the public keyword defaults; one GPU.
     "paper": {},
-    # Two CPU cores, visible progress within half an hour: B=4 keeps a full RGB step near 1.4 s on two idle
-    # cores (B=8 takes 2.5 s; see benchmarks/model_step.py), so a 25-minute demo makes ~1000 steps.
+    # Two CPU cores, visible progress within half an hour: 32 frames per step (about 0.5 s on two idle cores,
+    # benchmarks/run_all.py), so a 25-minute demo makes ~2700 steps. The 32 frames are 2 windows of 16, not 4
+    # of 8: the evaluation imagines up to position 20 (5 observed + 15), and a model trained on windows of 8
+    # never ran its LSTM past position 8 (benchmarks/quality.py, cheetah-run, 10 min on one core each, same
+    # 40 sine-policy test windows: open-loop PSNR at +8 / +15 24.66 / 24.35 dB for 2 x 16 against
+    # 23.94 / 24.00 for 4 x 8, mean training frame 24.01 / 24.11; docs/MODEL_CHANGES.md).
     "cpu": dict(
         max_components=8, latent_dim=16, hidden_dim=128, context_dim=64, attention_dim=32,
-        sequence_length=8, encoder_channels=16, decoder_channels=16, num_mixtures=5,
+        sequence_length=16, encoder_channels=16, decoder_channels=16, num_mixtures=5,
         img_perceiver_channels=16, num_latent_perceiver=16, num_latent_channels_perceiver=64,
         num_codebook_perceiver=128, perceiver_code_dim=32, perceiver_num_heads=2, perceiver_recon_every=4,
         perceiver_elbo_gradient=False,
         perceiver_self_attn_layers=1, perceiver_temporal_layers=1, perceiver_max_seq_len=32,
         attention_resolution=16, num_slots=3, slot_dim=32, img_disc_layers=1, disc_num_heads=2,
-        disc_channels=16, kl_samples=4, alpha_samples=2, batch_size=4, learning_rate=5e-4,
+        disc_channels=16, kl_samples=4, alpha_samples=2, batch_size=2, learning_rate=5e-4,
         warmup_steps=100, beta_warmup_steps=300, adversarial_warmup_steps=500, max_steps=3000,
         train_episodes=20, eval_episodes=4, episode_length=200, log_every=10, eval_every=500,
         checkpoint_every=250, eval_windows=64, eval_context_frames=5, eval_horizon=15,
