@@ -125,6 +125,9 @@ class AIMEConfig:
     lambda_att_dyn: float = 0.1
     lambda_div: float = 0.1
     lambda_gram: float = 0.05
+    # Weight of the slot reconstruction objective of the attention task (AttentionSchema.
+    # slot_reconstruction_loss; docs/MODEL_CHANGES.md); 0 builds no slot decoder.
+    lambda_slot_recon: float = 0.0
     ema_decay: float = 0.995
 
     # ----------------------------------------------------------------------------------------------
@@ -181,6 +184,7 @@ class AIMEConfig:
         _check(self.policy in ("random", "ou", "sine"), "policy", self.policy, "'random', 'ou' or 'sine'")
         _check(self.max_components >= 1, "max_components", self.max_components, "at least 1")
         _check(self.free_nats >= 0, "free_nats", self.free_nats, "a number >= 0")
+        _check(self.lambda_slot_recon >= 0, "lambda_slot_recon", self.lambda_slot_recon, "a number >= 0")
         _check(self.kl_prior_scale >= 0 and self.kl_posterior_scale >= 0, "kl_prior_scale/kl_posterior_scale",
                (self.kl_prior_scale, self.kl_posterior_scale), "numbers >= 0")
         _check(self.image_size % 16 == 0, "image_size", self.image_size, "a multiple of 16")

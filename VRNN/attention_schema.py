@@ -27,6 +27,12 @@ Losses (all per example, shape [B]; the caller averages and weights them once)
     ``diversity``      mean over slot pairs k != l of <p_k, p_l>^2 with p_k the L2-normalised slot map;
                        0 for disjoint maps, 1 for identical ones.
     ``dynamics_loss``  SmoothL1(predicted motion, detached centre_t - centre_{t-1}), mean over (x, y).
+    ``slot_reconstruction_loss``  (when built with ``slot_reconstruction=True``) the objective that makes
+                       the slots explain the frame, as in the slot-attention autoencoder of Locatello et
+                       al.: a spatial-broadcast MLP decodes every slot into an R x R colour image and an
+                       alpha logit per position; the images are blended with the softmax of the alphas over
+                       slots and compared (mean squared error, [-1, 1] scale) with the frame average-pooled
+                       to R x R. The target is pixels, not learned features, so it cannot collapse.
 
 Notes for callers
     * Because the slot maps partition unity, A_t is exactly uniform when the fusion weights are; it sharpens
@@ -202,12 +208,15 @@ class AttentionSchema(nn.Module):
         feature_channels: base width of the feature pyramid (default ``slot_dim``).
         prior_channels: width of the prior's convolutions (default ``slot_dim``).
         max_motion: bound of the predicted displacement per axis (normalised units; 2 spans the image).
+        slot_reconstruction: build the slot decoder of ``slot_reconstruction_loss`` (config:
+            ``lambda_slot_recon > 0``).
     """
 
     def __init__(self, hidden_dim: int, context_dim: int, latent_dim: int, attention_dim: int,
                  resolution: int = 16, num_slots: int = 4, slot_dim: int = 64, iterations: int = 3,
                  image_size: int = 64, feature_channels: int | None = None,
-                 prior_channels: int | None = None, max_motion: float = 2.0):
+                 prior_channels: int | None = None, max_motion: float = 2.0,
+                 slot_reconstruction: bool = False):
         super().__init__()
         sizes = {"hidden_dim": hidden_dim, "context_dim": context_dim, "latent_dim": latent_dim,
                  "attention_dim": attention_dim, "num_slots": num_slots, "slot_dim": slot_dim}
@@ -232,6 +241,15 @@ class AttentionSchema(nn.Module):
         self.fusion_head = _MLP(slot_dim, slot_dim, 1)
         self.state_head = nn.Sequential(nn.Linear(slot_dim + 2, 2 * attention_dim), nn.SiLU(),
                                         nn.Linear(2 * attention_dim, attention_dim))
+        # Spatial-broadcast slot decoder: W [slot_k; pos_p] = W_s slot_k + W_p pos_p, so the first layer
+        # runs once per slot and once per position, and only the sum is broadcast to S x R*R rows.
+        if slot_reconstruction:
+            self.slot_decoder_slot = nn.Linear(slot_dim, 2 * slot_dim)
+            self.slot_decoder_position = nn.Linear(4, 2 * slot_dim, bias=False)
+            self.slot_decoder_out = nn.Sequential(nn.SiLU(), nn.Linear(2 * slot_dim, 2 * slot_dim), nn.SiLU(),
+                                                  nn.Linear(2 * slot_dim, 4))
+        else:
+            self.slot_decoder_slot = self.slot_decoder_position = self.slot_decoder_out = None
 
         # Top-down prior.
         pc = prior_channels or slot_dim
@@ -254,7 +272,8 @@ class AttentionSchema(nn.Module):
                   "latent_dim": config.latent_dim, "attention_dim": config.attention_dim,
                   "resolution": config.attention_resolution, "num_slots": config.num_slots,
                   "slot_dim": config.slot_dim, "iterations": config.slot_iterations,
-                  "image_size": config.image_size}
+                  "image_size": config.image_size,
+                  "slot_reconstruction": getattr(config, "lambda_slot_recon", 0.0) > 0}
         return cls(**{**kwargs, **overrides})
 
     # ------------------------------------------------------------------------------------------------
@@ -377,6 +396,29 @@ class AttentionSchema(nn.Module):
                              f"{tuple(motion.shape)}, {tuple(center_prev.shape)}, {tuple(center.shape)}")
         target = (center - center_prev).detach()
         return F.smooth_l1_loss(motion, target, reduction="none", beta=beta).mean(dim=-1)
+
+    def decode_slots(self, slot_features: Tensor) -> tuple[Tensor, Tensor]:
+        """Slot features [N, S, slot_dim] -> (blended image [N, 3, R, R], alpha masks [N, S, R, R] that sum
+        to 1 over S). Needs ``slot_reconstruction=True``."""
+        if self.slot_decoder_out is None:
+            raise ValueError("this AttentionSchema has no slot decoder: build it with slot_reconstruction=True "
+                             "(config lambda_slot_recon > 0)")
+        n, s, _ = slot_features.shape
+        r = self.resolution
+        position = self.slot_decoder_position(self.features.position_code)               # [R*R, 2F]
+        hidden = self.slot_decoder_slot(slot_features).unsqueeze(2) + position           # [N, S, R*R, 2F]
+        out = self.slot_decoder_out(hidden)                                              # [N, S, R*R, 4]
+        alpha = out[..., 3].softmax(dim=1)                                               # [N, S, R*R]
+        image = torch.einsum("bsn,bsnc->bcn", alpha, torch.tanh(out[..., :3]))
+        return image.reshape(n, 3, r, r), alpha.reshape(n, s, r, r)
+
+    def slot_reconstruction_loss(self, frames: Tensor, slot_features: Tensor) -> Tensor:
+        """Mean squared error ([-1, 1] scale, mean over 3 x R x R) between ``decode_slots(slot_features)`` and
+        the frames [N, 3, S, S] average-pooled to R x R: [N]. Trains the slots and the feature pyramid to
+        divide the frame between them."""
+        target = F.adaptive_avg_pool2d(frames.float(), self.resolution)
+        image, _ = self.decode_slots(slot_features)
+        return (image.float() - target).pow(2).mean(dim=(1, 2, 3))
 
     center_of_mass = staticmethod(center_of_mass)
     upsample_map = staticmethod(upsample_map)

@@ -73,7 +73,14 @@ _PUBLIC_DEFAULTS: dict[str, Any] = {
 }
 # Per-step [B, T] terms of the cell that forward_sequence returns under the same name.
 _STEP_KEYS = ("kl_z", "kl_sticks", "kl_alpha", "attention_kl", "attention_dynamics", "attention_diversity",
-              "prior_means", "prior_logvars", "stick_a", "stick_b", "alpha_shape", "alpha_rate")
+              "attention_slot_recon", "prior_means", "prior_logvars", "stick_a", "stick_b", "alpha_shape", "alpha_rate")
+
+
+def _map_entropy(maps: Tensor) -> Tensor:
+    """Mean entropy in nats of attention maps [B, T, R, R] (each a distribution over R*R positions), no
+    gradient; ln(R*R) is the uniform map."""
+    p = maps.detach().flatten(2).float()
+    return -torch.xlogy(p, p).sum(-1).mean()
 
 
 def gram_anchor_loss(maps: list[Tensor], anchor_maps: list[Tensor]) -> Tensor:
@@ -119,7 +126,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         attention = AttentionSchema(c.hidden_dim, c.context_dim if c.use_perceiver else 0, c.latent_dim, c.attention_dim,
                                     resolution=c.attention_resolution, num_slots=c.num_slots,
                                     slot_dim=c.slot_dim, iterations=c.slot_iterations,
-                                    image_size=size) if c.use_attention else None
+                                    image_size=size, slot_reconstruction=c.lambda_slot_recon > 0,
+                                    ) if c.use_attention else None
         prior = DPGMMPrior(c.hidden_dim, c.latent_dim, c.max_components, hidden_dim=c.hidden_dim,
                            alpha_a0=c.prior_alpha_a0, alpha_b0=c.prior_alpha_b0, taylor_terms=c.taylor_terms,
                            kl_samples=c.kl_samples, alpha_samples=c.alpha_samples,
@@ -288,6 +296,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
             return None
         # c_t is an input the attention reads, not something the attention task should train.
         post = attention.posterior_step(attention.encode_features(frames), context.detach().flatten(0, 1))
+        if attention.slot_decoder_out is not None:
+            post["slot_recon"] = attention.slot_reconstruction_loss(frames, post["slot_features"])
         return {k: v.reshape(b, t, *v.shape[1:]) for k, v in post.items()}
 
     def _observe_loop(self, x: Tensor, actions: Tensor, is_first: Tensor | None,
@@ -366,7 +376,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
             uniform = self.cell.uniform_map(b * t).view(b, t, r, r)
             out.update(map=uniform, prior_map=uniform, slot_maps=uniform.unsqueeze(2),
                        center=h.new_zeros(b, t, 2), s=h.new_zeros(b, t, 0), attention_kl=zeros,
-                       attention_dynamics=zeros, attention_diversity=zeros)
+                       attention_dynamics=zeros, attention_diversity=zeros, attention_slot_recon=zeros)
             return out
         init = self.cell.initial_state(b)
         prev_map = self._previous(att["map"], init.map_prev, is_first)
@@ -380,7 +390,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         dyn = attention.dynamics_loss(prior["motion"], flat(prev_center), flat(att["center"])).view(b, t)
         out.update(map=att["map"], prior_map=prior["map"].view(b, t, *prior["map"].shape[1:]),
                    slot_maps=att["slot_maps"], center=att["center"], s=att["state"], attention_kl=kl,
-                   attention_dynamics=dyn, attention_diversity=attention.diversity(flat(att["slot_maps"])).view(b, t))
+                   attention_dynamics=dyn, attention_diversity=attention.diversity(flat(att["slot_maps"])).view(b, t),
+                   attention_slot_recon=att.get("slot_recon", zeros))
         return out
 
     def _forward(self, obs: Any, actions: Any, is_first: Tensor | None = None,
@@ -434,7 +445,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         (mean image), latents / z_means / z_logvars [B, T, D], hidden_states [B, T, H] (h_t), context
         [B, T, C] (c_t), pi [B, T, K], attention_maps / attention_prior_maps [B, T, R, R], slot_maps
         [B, T, S, R, R], and per-step terms [B, T] in nats per frame: recon_nats, kl_z, kl_sticks, kl_alpha,
-        cluster_entropy, attention_kl (0 at t = 1), attention_dynamics, attention_diversity, plus K_eff and
+        cluster_entropy, attention_kl (0 at t = 1), attention_dynamics, attention_diversity,
+        attention_slot_recon (0 without the slot decoder), plus K_eff and
         active_components [B, T]; the prior's parameters at each step (prior_means / prior_logvars
         [B, T, K, D], stick_a / stick_b [B, T, K-1], alpha_shape / alpha_rate [B, T]); the Perceiver's scalar
         losses as perceiver_* (when T >= 2).
@@ -493,7 +505,9 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         else:
             att_kl = att_dyn = zero
         att_div = outputs["attention_diversity"].mean()
-        attention_loss = beta * att_kl + lambda_att_dyn * att_dyn + lambda_div * att_div
+        slot_recon = outputs["attention_slot_recon"].mean()
+        attention_loss = beta * att_kl + lambda_att_dyn * att_dyn + lambda_div * att_div \
+            + c.lambda_slot_recon * slot_recon
 
         if self.discriminator is not None:
             z_cond = outputs["latents"].detach()
@@ -512,7 +526,9 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
             "recon_loss": recon, "kl_z": kl_z, "kl_z_balanced": kl_balanced.detach(),
             "kl_z_nats_per_frame": outputs["kl_z"].mean(), "kl_sticks": kl_sticks, "kl_alpha": kl_alpha,
             "hierarchical_kl": kl_sticks + kl_alpha, "cluster_entropy": entropy, "attention_kl": att_kl,
-            "attention_dynamics_loss": att_dyn, "attention_diversity": att_div, "gram_enc_loss": gram,
+            "attention_dynamics_loss": att_dyn, "attention_diversity": att_div,
+            "attention_slot_recon": slot_recon, "attention_map_entropy": _map_entropy(outputs["attention_maps"]),
+            "gram_enc_loss": gram,
             "bits_per_dim": (recon + kl_z + kl_sticks + kl_alpha) / math.log(2.0),
             "K_eff": outputs["K_eff"].mean(), "active_components": outputs["active_components"].mean(),
             "adversarial_raw": adv.detach(), "fake_score": fake_score,

@@ -89,7 +89,8 @@ MEAN_FRAME_MAX_FRAMES = 2048   # frames averaged for the mean training frame (ev
 # also kept under "losses".
 ELBO_KEYS = ("recon_loss", "kl_z", "kl_sticks", "kl_alpha", "hierarchical_kl", "cluster_entropy",
              "bits_per_dim", "K_eff", "total_vae_loss", "perceiver_loss", "attention_loss",
-             "adversarial_loss", "attention_kl", "active_components")
+             "adversarial_loss", "attention_kl", "active_components", "attention_map_entropy",
+             "attention_slot_recon")
 # Per-step terms of forward_sequence, nats per frame [B, T], that make up the negative ELBO.
 ELBO_STEP_KEYS = ("recon_nats", "kl_z", "kl_sticks", "kl_alpha")
 

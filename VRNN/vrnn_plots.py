@@ -91,7 +91,7 @@ LOSS_PANELS: dict[str, tuple[str, ...]] = {
     "ELBO terms (nats/dim)": ("recon_loss", "kl_z", "kl_sticks", "kl_alpha"),
     "bits per dim": ("bits_per_dim", "eval/bits_per_dim"),
     "mixture": ("K_eff", "cluster_entropy", "eval/K_eff"),
-    "attention": ("attention_kl", "attention_dynamics_loss", "attention_diversity"),
+    "attention": ("attention_kl", "attention_dynamics_loss", "attention_diversity", "attention_slot_recon"),
     "discriminator": ("disc_loss", "real_score", "fake_score"),
     "schedules": ("beta", "lr", "learning_rate", "adversarial_weight"),
     "prediction PSNR (dB), validation": ("eval/pred_psnr_mean", "eval/recon_psnr", "eval/copy_last_psnr_mean",

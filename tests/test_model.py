@@ -302,6 +302,7 @@ def test_resize_only_when_input_dim_says_so():
     {"free_nats": 0.0, "kl_prior_scale": 1.0, "kl_posterior_scale": 1.0},
     {"use_spectral_norm": True, "use_squeeze_excitation": True},
     {"random_stick_order": True, "alpha_samples": 0, "lstm_layers": 2},
+    {"lambda_slot_recon": 1.0},
 ])
 def test_config_variants_train(overrides):
     model = _model(5, **overrides)
@@ -313,6 +314,11 @@ def test_config_variants_train(overrides):
     assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     if overrides.get("likelihood") == "gaussian":
         assert model.likelihood.log_scale.grad is not None
+    if overrides.get("lambda_slot_recon"):
+        assert losses["attention_slot_recon"].item() > 0
+        assert model.cell.attention.slot_decoder_out[-1].weight.grad.abs().sum() > 0
+    else:
+        assert float(losses["attention_slot_recon"]) == 0.0
 
 
 def test_task_parameters_partition_what_each_task_trains(model):
