@@ -182,8 +182,16 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
     lines += _image(run_dir, plot_paths, "component_gallery", "Frames each component claims most strongly")
     lines += _image(run_dir, plot_paths, "dominant_component", "Dominant component over a window")
 
-    if "attention" in plot_paths or "attention_imagined" in plot_paths:
+    has_entropy = e.get("attention_map_entropy") is not None and e.get("attention_map_entropy_uniform")
+    if "attention" in plot_paths or "attention_imagined" in plot_paths or has_entropy:
         lines += ["## Attention", ""]
+    if has_entropy:
+        ent, uniform = e["attention_map_entropy"], e["attention_map_entropy_uniform"]
+        state = ("the maps are uniform: the attention schema does not look anywhere"
+                 if ent >= 0.99 * uniform else "the maps are not uniform")
+        lines += [f"Entropy of the posterior attention maps: {ent:.3f} nats against {uniform:.3f} for the "
+                  f"uniform map ({ent / uniform:.3f} of it): {state}.", ""]
+    if "attention" in plot_paths or "attention_imagined" in plot_paths:
         lines += _image(run_dir, plot_paths, "attention", "Attention and slot maps")
         lines += _image(run_dir, plot_paths, "attention_imagined", "Attention while imagining")
     if "loss_curves" in plot_paths or "grad_cosines" in plot_paths:

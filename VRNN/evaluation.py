@@ -493,6 +493,9 @@ def evaluate(model: nn.Module, dataset_or_loader, config=None, device: torch.dev
     else:
         result["perceiver_accuracy"] = losses_mean.get("perceiver_accuracy")
         logger.warning("the model has no Perceiver with next_token_logits: no copy-token accuracy")
+    if result.get("attention_map_entropy") is not None:
+        # ln(R*R): the entropy of the uniform map, the one the attention schema collapsed to (issue 9)
+        result["attention_map_entropy_uniform"] = math.log(int(config.attention_resolution) ** 2)
     result["component_usage"] = usage
     result["components_used"] = int(sum(u > USAGE_THRESHOLD for u in usage))
     result["losses"] = losses_mean

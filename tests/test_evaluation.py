@@ -245,8 +245,10 @@ def test_plots_gif_and_report(model, data, config, result, tmp_path):
     assert text.splitlines()[2] == f"**Verdict:** {result['verdict']['text']}."
     for phrase in ("copy-last", "context mean", "mean train frame", "Moving-pixel PSNR", "action-shuffle ratio",
                    "z_t comes from another window", "h_t comes from another window", "copy-current-token",
-                   "posterior std", "KL_z (nats/frame)", "bits/dim", "K_eff"):
+                   "posterior std", "KL_z (nats/frame)", "bits/dim", "K_eff",
+                   "Entropy of the posterior attention maps"):
         assert phrase in text, phrase
+    assert 0 < result["attention_map_entropy"] <= result["attention_map_entropy_uniform"] + 1e-6
 
 
 def test_plots_from_dataset_without_attention(model, data, result, tmp_path):
