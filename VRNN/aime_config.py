@@ -126,7 +126,9 @@ class AIMEConfig:
     lambda_div: float = 0.1
     lambda_gram: float = 0.05
     # Weight of the slot reconstruction objective of the attention task (AttentionSchema.
-    # slot_reconstruction_loss; docs/MODEL_CHANGES.md); 0 builds no slot decoder.
+    # slot_reconstruction_loss); 0 builds no slot decoder. Off by default: at 1.0 the slots learn the frame
+    # but the fused map stays uniform and open-loop PSNR over +1..+8 fell 25.65 -> 25.12 dB
+    # (benchmarks/quality.py, cheetah-run, 10 min on one core; docs/RESULTS.md section 2c).
     lambda_slot_recon: float = 0.0
     ema_decay: float = 0.995
 
