@@ -267,13 +267,13 @@ class AttentionSchema(nn.Module):
     @classmethod
     def from_config(cls, config, **overrides) -> AttentionSchema:
         """Build from an ``AIMEConfig`` (hidden/context/latent/attention dims, attention_resolution,
-        num_slots, slot_dim, slot_iterations, image_size); keyword overrides win."""
+        num_slots, slot_dim, slot_iterations, image_size, lambda_slot_recon > 0); keyword overrides win."""
         kwargs = {"hidden_dim": config.hidden_dim, "context_dim": config.context_dim,
                   "latent_dim": config.latent_dim, "attention_dim": config.attention_dim,
                   "resolution": config.attention_resolution, "num_slots": config.num_slots,
                   "slot_dim": config.slot_dim, "iterations": config.slot_iterations,
                   "image_size": config.image_size,
-                  "slot_reconstruction": getattr(config, "lambda_slot_recon", 0.0) > 0}
+                  "slot_reconstruction": config.lambda_slot_recon > 0}
         return cls(**{**kwargs, **overrides})
 
     # ------------------------------------------------------------------------------------------------

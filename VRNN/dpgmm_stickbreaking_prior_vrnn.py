@@ -123,11 +123,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
 
         self.encoder = NVAEEncoder(c.encoder_channels, size, c.use_squeeze_excitation, c.use_spectral_norm)
         self.perceiver = CausalPerceiverIO(PerceiverIOConfig.from_aime_config(c)) if c.use_perceiver else None
-        attention = AttentionSchema(c.hidden_dim, c.context_dim if c.use_perceiver else 0, c.latent_dim, c.attention_dim,
-                                    resolution=c.attention_resolution, num_slots=c.num_slots,
-                                    slot_dim=c.slot_dim, iterations=c.slot_iterations,
-                                    image_size=size, slot_reconstruction=c.lambda_slot_recon > 0,
-                                    ) if c.use_attention else None
+        attention = AttentionSchema.from_config(c, context_dim=c.context_dim if c.use_perceiver else 0,
+                                                image_size=size) if c.use_attention else None
         prior = DPGMMPrior(c.hidden_dim, c.latent_dim, c.max_components, hidden_dim=c.hidden_dim,
                            alpha_a0=c.prior_alpha_a0, alpha_b0=c.prior_alpha_b0, taylor_terms=c.taylor_terms,
                            kl_samples=c.kl_samples, alpha_samples=c.alpha_samples,

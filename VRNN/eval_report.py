@@ -191,9 +191,8 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
                  if ent >= 0.99 * uniform else "the maps are not uniform")
         lines += [f"Entropy of the posterior attention maps: {ent:.3f} nats against {uniform:.3f} for the "
                   f"uniform map ({ent / uniform:.3f} of it): {state}.", ""]
-    if "attention" in plot_paths or "attention_imagined" in plot_paths:
-        lines += _image(run_dir, plot_paths, "attention", "Attention and slot maps")
-        lines += _image(run_dir, plot_paths, "attention_imagined", "Attention while imagining")
+    lines += _image(run_dir, plot_paths, "attention", "Attention and slot maps")
+    lines += _image(run_dir, plot_paths, "attention_imagined", "Attention while imagining")
     if "loss_curves" in plot_paths or "grad_cosines" in plot_paths:
         lines += ["## Training", ""]
         lines += _image(run_dir, plot_paths, "loss_curves", "Loss curves")

@@ -614,8 +614,8 @@ def make_evaluation_plots(model: nn.Module, batch: Mapping[str, torch.Tensor], e
     all_obs = _to_unit_range(batch["observations"]).to(device)
     all_actions = batch["actions"].float().to(device)
     with _eval_mode(net), _forked_rng(device, seed):
-        outputs = net.forward_sequence(obs[:, :t_loss], actions[:, :t_loss])
-        gallery_out = net.forward_sequence(all_obs[:, :t_loss], all_actions[:, :t_loss])
+        # Every window of the batch once: the gallery reads them all, the other figures window 0.
+        outputs = net.forward_sequence(all_obs[:, :t_loss], all_actions[:, :t_loss])
         future = net.generate_future_sequence(obs[:, :t0], actions[:, :t0], actions[:, t0:t0 + horizon],
                                               temperature=0.0)
     truth = obs[0, t0:t0 + horizon].cpu()
@@ -637,8 +637,8 @@ def make_evaluation_plots(model: nn.Module, batch: Mapping[str, torch.Tensor], e
         _first(outputs["pi"]), out_dir / "mixture_weights.png", usage=eval_dict.get("component_usage"),
         threshold=USAGE_THRESHOLD)
     # What the mixture components mean: each frame's posterior latent, assigned to the prior's components.
-    resp = plots.component_responsibilities(gallery_out["z_means"], gallery_out["pi"].clamp_min(1e-12).log(),
-                                            gallery_out["prior_means"], gallery_out["prior_logvars"])
+    resp = plots.component_responsibilities(outputs["z_means"], outputs["pi"].clamp_min(1e-12).log(),
+                                            outputs["prior_means"], outputs["prior_logvars"])
     paths["component_gallery"] = plots.plot_component_gallery(
         all_obs[:, :t_loss].flatten(0, 1).cpu(), resp.flatten(0, 1), out_dir / "component_gallery.png")
     seen = min(t0, t_loss)  # the observed steps before the imagined ones
