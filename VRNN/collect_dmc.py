@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from VRNN.aime_config import AIMEConfig
 from VRNN.dmc_envs import DMCEnv, resolve_env_name
+from VRNN.hdf5_check import check_seeds_disjoint, check_split, convert_legacy, repair
 from VRNN.hdf5_io import (
     EPISODE_FILE_RE,
     LEGACY_FILES,
@@ -41,13 +42,9 @@ from VRNN.hdf5_io import (
     DiskFullError,
     EpisodeWriter,
     Split,
-    check_seeds_disjoint,
-    check_split,
-    convert_legacy,
     fault_point,
     list_episode_files,
     remove_split,
-    repair,
     summary,
 )
 from VRNN.policies import POLICIES, make_policy

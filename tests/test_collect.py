@@ -16,18 +16,15 @@ import pytest
 from VRNN import collect_dmc, hdf5_io
 from VRNN.collect_dmc import collect_dataset, collect_split, split_seeds, unfinished_splits
 from VRNN.dmc_dataset import DMCVBDataset
+from VRNN.hdf5_check import check_split, convert_legacy, repair, verify
 from VRNN.hdf5_io import (
     SCHEMA_VERSION,
     DataFileError,
     EpisodeWriter,
     Split,
-    check_split,
-    convert_legacy,
     find_splits,
     open_checked,
-    repair,
     summary,
-    verify,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 
 from VRNN.collect_dmc import split_seeds
-from VRNN.hdf5_io import EpisodeWriter, Split, check_split, list_episode_files
+from VRNN.hdf5_check import check_split
+from VRNN.hdf5_io import EpisodeWriter, Split, list_episode_files
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTH = 10                                   # agent steps per episode: each episode is cheap

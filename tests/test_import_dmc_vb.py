@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from tfrecord.writer import TFRecordWriter
 
-from VRNN.hdf5_io import Split, summary, verify
+from VRNN.hdf5_check import verify
+from VRNN.hdf5_io import Split, summary
 from VRNN.import_dmc_vb import decode_frame, import_shards, load_features, parse_episode, read_tfrecord
 
 REPO = Path(__file__).resolve().parents[1]
