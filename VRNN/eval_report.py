@@ -187,8 +187,12 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
         lines += ["## Attention", ""]
     if has_entropy:
         ent, uniform = e["attention_map_entropy"], e["attention_map_entropy_uniform"]
-        state = ("the maps are uniform: the attention schema does not look anywhere"
-                 if ent >= 0.99 * uniform else "the maps are not uniform")
+        if ent >= 0.99 * uniform:
+            state = "the maps are uniform: the attention schema does not look anywhere"
+        elif ent >= 0.9 * uniform:
+            state = "the maps are nearly uniform: a little mass on a few positions, the rest spread evenly"
+        else:
+            state = "the maps are concentrated"
         lines += [f"Entropy of the posterior attention maps: {ent:.3f} nats against {uniform:.3f} for the "
                   f"uniform map ({ent / uniform:.3f} of it): {state}.", ""]
     lines += _image(run_dir, plot_paths, "attention", "Attention and slot maps")
