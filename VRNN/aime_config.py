@@ -84,12 +84,20 @@ class AIMEConfig:
     # cpu preset: False (benchmarks/quality.py, cheetah-run, 12 min on one core each: 881 vs 799 steps,
     # open-loop PSNR over +1..+8 25.5 vs 25.3 dB, recon 28.6 vs 28.4 dB; docs/MODEL_CHANGES.md).
     perceiver_elbo_gradient: bool = True
+    # What the Perceiver's tokenizer reads: "frames", its own strided convolutions over the 64 x 64 frame
+    # (MODEL.md), or "encoder", the NVAE encoder's stage map at token resolution (detached) through 1x1
+    # convolutions; its decoder still reconstructs the frame (docs/MODEL_CHANGES.md).
+    perceiver_features: str = "frames"
 
     # Attention schema
     attention_resolution: int = 16       # R, attention maps are R x R
     num_slots: int = 4                   # S
     slot_iterations: int = 3
     slot_dim: int = 64
+    # What the bottom-up attention reads: "frames", its own convolutional feature pyramid over the frame
+    # (MODEL.md), or "encoder", 1x1 projections of the NVAE encoder's stage maps (detached), which saves
+    # the pyramid's convolutions (docs/MODEL_CHANGES.md).
+    attention_features: str = "frames"
 
     # Temporal discriminator
     img_disc_layers: int = 4             # spatial-temporal attention blocks
@@ -183,6 +191,10 @@ class AIMEConfig:
         _check(self.aggregator in ("rgb", "sum", "pcgrad"), "aggregator", self.aggregator,
                "'rgb', 'sum' or 'pcgrad'")
         _check(self.rgb_scale in ("norm", "unit"), "rgb_scale", self.rgb_scale, "'norm' or 'unit'")
+        _check(self.perceiver_features in ("frames", "encoder"), "perceiver_features", self.perceiver_features,
+               "'frames' or 'encoder'")
+        _check(self.attention_features in ("frames", "encoder"), "attention_features", self.attention_features,
+               "'frames' or 'encoder'")
         _check(self.policy in ("random", "ou", "sine"), "policy", self.policy, "'random', 'ou' or 'sine'")
         _check(self.max_components >= 1, "max_components", self.max_components, "at least 1")
         _check(self.free_nats >= 0, "free_nats", self.free_nats, "a number >= 0")

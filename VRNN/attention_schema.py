@@ -2,7 +2,8 @@
 
 Bottom-up (posterior, a function of x_t)
     A small convolutional feature pyramid maps each frame to an R x R grid of features, computed once for
-    all B*T frames (``encode_features``; MODEL.md section 6). Per step, slot attention (Locatello et al.,
+    all B*T frames (``encode_features``; MODEL.md section 6), or, cheaper, 1x1 projections of the world
+    model's own encoder maps (``encode_encoder_maps``, config ``attention_features="encoder"``). Per step, slot attention (Locatello et al.,
     2020, "Object-Centric Learning with Slot Attention", Alg. 1: softmax over *slots*, weighted-mean update,
     GRU, residual MLP) runs ``iterations`` rounds with S slots. The initial slots are not sampled: they come
     from an MLP on [h_t; c_t], so the posterior is a deterministic function of its inputs and the recurrent
@@ -51,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AttentionSchema", "SlotAttention", "center_of_mass", "coordinate_grid", "upsample_map"]
+__all__ = ["AttentionSchema", "EncoderMapFeatures", "SlotAttention", "center_of_mass", "coordinate_grid",
+           "upsample_map"]
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -152,6 +154,42 @@ class FeaturePyramid(nn.Module):
         return self.mlp(self.norm(feats))
 
 
+class EncoderMapFeatures(nn.Module):
+    """The world model's encoder maps [[N, C_i, r_i, r_i], ...] -> features [N, R*R, F].
+
+    The cheap alternative to ``FeaturePyramid`` (``feature_source="encoder"``): no convolution over the
+    frame, only a 1x1 projection of each encoder stage to F channels, resized to R x R (area pooling down,
+    nearest-neighbour up), summed, plus the same soft position embedding, LayerNorm and MLP. The caller
+    passes the maps detached, so the attention task trains these projections and never the encoder; the
+    encoder's features are those the ELBO shaped (they carry the pose the decoder needs).
+    """
+
+    def __init__(self, widths: tuple[int, ...], resolution: int, out_dim: int):
+        super().__init__()
+        if not widths or any(w < 1 for w in widths):
+            raise ValueError(f"encoder map widths={widths!r} are invalid: expected positive channel counts")
+        self.widths, self.resolution = tuple(widths), resolution
+        self.laterals = nn.ModuleList(nn.Conv2d(w, out_dim, 1) for w in self.widths)
+        self.position = nn.Linear(4, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+        self.mlp = _MLP(out_dim, out_dim, out_dim)
+        grid = coordinate_grid(resolution)
+        self.register_buffer("position_code", torch.cat([grid, -grid], dim=-1) * 0.5 + 0.5, persistent=False)
+
+    def forward(self, maps: list[Tensor]) -> Tensor:
+        r = self.resolution
+        fused = 0.0
+        for m, lateral in zip(maps, self.laterals):
+            y = lateral(m)
+            if y.shape[-1] > r:
+                y = F.adaptive_avg_pool2d(y, r)
+            elif y.shape[-1] < r:
+                y = F.interpolate(y, size=(r, r), mode="nearest")
+            fused = fused + y
+        feats = fused.flatten(2).transpose(1, 2) + self.position(self.position_code)
+        return self.mlp(self.norm(feats))
+
+
 class SlotAttention(nn.Module):
     """Slot attention (Locatello et al. 2020, Algorithm 1) from given initial slots.
 
@@ -210,13 +248,16 @@ class AttentionSchema(nn.Module):
         max_motion: bound of the predicted displacement per axis (normalised units; 2 spans the image).
         slot_reconstruction: build the slot decoder of ``slot_reconstruction_loss`` (config:
             ``lambda_slot_recon > 0``).
+        encoder_widths: channel counts of the world model's encoder maps. Given, the posterior reads
+            those maps (``encode_encoder_maps``, an ``EncoderMapFeatures``) instead of running its own
+            feature pyramid over the frame (config: ``attention_features="encoder"``).
     """
 
     def __init__(self, hidden_dim: int, context_dim: int, latent_dim: int, attention_dim: int,
                  resolution: int = 16, num_slots: int = 4, slot_dim: int = 64, iterations: int = 3,
                  image_size: int = 64, feature_channels: int | None = None,
                  prior_channels: int | None = None, max_motion: float = 2.0,
-                 slot_reconstruction: bool = False):
+                 slot_reconstruction: bool = False, encoder_widths: tuple[int, ...] | None = None):
         super().__init__()
         sizes = {"hidden_dim": hidden_dim, "context_dim": context_dim, "latent_dim": latent_dim,
                  "attention_dim": attention_dim, "num_slots": num_slots, "slot_dim": slot_dim}
@@ -229,7 +270,11 @@ class AttentionSchema(nn.Module):
         self.num_positions = resolution * resolution
 
         # Bottom-up posterior.
-        self.features = FeaturePyramid(image_size, resolution, slot_dim, feature_channels or slot_dim)
+        if encoder_widths is None:
+            self.features = FeaturePyramid(image_size, resolution, slot_dim, feature_channels or slot_dim)
+        else:
+            self.features = EncoderMapFeatures(tuple(encoder_widths), resolution, slot_dim)
+        self.reads_encoder_maps = encoder_widths is not None
         # The posterior reads the frame and c_t only (not h_t), so it runs batched over all B*T frames
         # before the recurrent loop (docs/MODEL_CHANGES.md); MODEL.md seeded the slots from [h_t; c_t].
         self.slot_seed = nn.Sequential(nn.Linear(context_dim, 2 * slot_dim), nn.SiLU(),
@@ -274,6 +319,8 @@ class AttentionSchema(nn.Module):
                   "slot_dim": config.slot_dim, "iterations": config.slot_iterations,
                   "image_size": config.image_size,
                   "slot_reconstruction": config.lambda_slot_recon > 0}
+        if getattr(config, "attention_features", "frames") == "encoder" and "encoder_widths" not in overrides:
+            raise ValueError("attention_features='encoder' needs encoder_widths=(the encoder's stage widths)")
         return cls(**{**kwargs, **overrides})
 
     # ------------------------------------------------------------------------------------------------
@@ -284,6 +331,9 @@ class AttentionSchema(nn.Module):
 
     def encode_features(self, frames: Tensor) -> Tensor:
         """Feature pyramid, batched over frames: [N, 3, 64, 64] in [-1, 1] -> [N, R*R, slot_dim]."""
+        if self.reads_encoder_maps:
+            raise ValueError("this attention schema reads the encoder's maps (attention_features='encoder'); "
+                             "call encode_encoder_maps(maps)")
         s = self.image_size
         if frames.dim() != 4 or tuple(frames.shape[1:]) != (3, s, s):
             raise ValueError(f"encode_features expects frames [N, 3, {s}, {s}], "
@@ -291,6 +341,18 @@ class AttentionSchema(nn.Module):
         if not frames.is_floating_point():
             raise ValueError(f"encode_features expects float frames in [-1, 1], got dtype {frames.dtype}")
         return self.features(frames)
+
+    def encode_encoder_maps(self, maps: list[Tensor]) -> Tensor:
+        """Features from the encoder's stage maps [[N, C_i, r_i, r_i], ...] (widths ``encoder_widths``)
+        -> [N, R*R, slot_dim]; gradients flow into the maps unless the caller detaches them."""
+        if not self.reads_encoder_maps:
+            raise ValueError("this attention schema runs its own feature pyramid over frames; call "
+                             "encode_features(frames)")
+        widths = tuple(int(m.shape[1]) for m in maps)
+        if widths != self.features.widths or any(m.dim() != 4 for m in maps):
+            raise ValueError(f"encode_encoder_maps expects {len(self.features.widths)} maps [N, C_i, r, r] "
+                             f"with C_i = {self.features.widths}, got shapes {[tuple(m.shape) for m in maps]}")
+        return self.features(maps)
 
     def encode_sequence(self, frames: Tensor) -> Tensor:
         """Convenience: [B, T, 3, 64, 64] -> [B, T, R*R, slot_dim] with one batched pyramid pass."""

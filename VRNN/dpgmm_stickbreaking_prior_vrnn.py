@@ -122,9 +122,17 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         self.pixel_dims = 3 * size * size
 
         self.encoder = NVAEEncoder(c.encoder_channels, size, c.use_squeeze_excitation, c.use_spectral_norm)
-        self.perceiver = CausalPerceiverIO(PerceiverIOConfig.from_aime_config(c)) if c.use_perceiver else None
+        self.perceiver = None
+        self._perceiver_map = None       # index of the encoder map the tokenizer reads (perceiver_features)
+        if c.use_perceiver:
+            extra = {}
+            if c.perceiver_features == "encoder":
+                self._perceiver_map = self._encoder_map_at(PerceiverIOConfig.from_aime_config(c).tokens_per_side)
+                extra = {"feature_channels": self.encoder.map_widths[self._perceiver_map]}
+            self.perceiver = CausalPerceiverIO(PerceiverIOConfig.from_aime_config(c, **extra))
+        widths = {"encoder_widths": self.encoder.map_widths} if c.attention_features == "encoder" else {}
         attention = AttentionSchema.from_config(c, context_dim=c.context_dim if c.use_perceiver else 0,
-                                                image_size=size) if c.use_attention else None
+                                                image_size=size, **widths) if c.use_attention else None
         prior = DPGMMPrior(c.hidden_dim, c.latent_dim, c.max_components, hidden_dim=c.hidden_dim,
                            alpha_a0=c.prior_alpha_a0, alpha_b0=c.prior_alpha_b0, taylor_terms=c.taylor_terms,
                            kl_samples=c.kl_samples, alpha_samples=c.alpha_samples,
@@ -276,23 +284,51 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         return actions
 
     # ---------------------------------------------------------------------------------------------- forward
-    def _context(self, x: Tensor, perceiver_loss: bool) -> dict[str, Tensor]:
+    def _encoder_map_at(self, side: int) -> int:
+        """Index of the encoder stage whose maps are ``side`` x ``side`` (stage i halves the side i times
+        from image_size / 2, the first stage keeping its input's)."""
+        sides = [self.config.image_size // 2 // 2**i for i in range(len(self.encoder.map_widths))]
+        if side not in sides:
+            raise ValueError(f"perceiver_features='encoder' needs an encoder map of {side} x {side} (the token "
+                             f"grid); the encoder's maps are {sides}")
+        return sides.index(side)
+
+    def perceiver_features(self, x: Tensor, enc_maps: list[Tensor] | None = None) -> Tensor | None:
+        """What the Perceiver's tokenizer reads besides x [B, T, 3, S, S]: ``None`` when it tokenizes
+        pixels, else the encoder's map at token resolution, detached, [B, T, F, h, w] (``enc_maps``: the
+        encoder's maps of x's B*T frames when already computed)."""
+        if self._perceiver_map is None:
+            return None
+        b, t = x.shape[:2]
+        if enc_maps is None:
+            _, enc_maps = self.encoder(x.flatten(0, 1))
+        m = enc_maps[self._perceiver_map].detach()
+        return m.view(b, t, *m.shape[1:])
+
+    def _context(self, x: Tensor, perceiver_loss: bool, enc_maps: list[Tensor] | None = None) -> dict[str, Tensor]:
         """The Perceiver's outputs for x [B, T, ...]: ``context`` [B, T, C] (and its losses with
-        ``perceiver_loss`` when T >= 2); a [B, T, 0] context without the Perceiver."""
+        ``perceiver_loss`` when T >= 2); a [B, T, 0] context without the Perceiver. ``enc_maps``: the
+        encoder's maps of x's frames, when computed already (``perceiver_features="encoder"`` reads one)."""
         if self.perceiver is None:
             return {"context": x.new_zeros(x.shape[0], x.shape[1], 0)}
+        features = self.perceiver_features(x, enc_maps)
         if perceiver_loss and x.shape[1] >= 2:
-            return self.perceiver(x)
-        return {"context": self.perceiver.extract_context(x)}
+            return self.perceiver(x, features)
+        return {"context": self.perceiver.extract_context(x, features)}
 
-    def _attention_posterior(self, frames: Tensor, context: Tensor, b: int, t: int) -> dict[str, Tensor] | None:
+    def _attention_posterior(self, frames: Tensor, enc_maps: list[Tensor], context: Tensor, b: int,
+                             t: int) -> dict[str, Tensor] | None:
         """Bottom-up attention of all B*T frames at once (it reads the frame and c_t, not h_t).
-        frames [B*T, 3, S, S], context [B, T, C] -> dict of [B, T, ...] (``None`` without attention)."""
+        frames [B*T, 3, S, S], enc_maps the encoder's stage maps of those frames, context [B, T, C]
+        -> dict of [B, T, ...] (``None`` without attention)."""
         attention = self.cell.attention
         if attention is None:
             return None
-        # c_t is an input the attention reads, not something the attention task should train.
-        post = attention.posterior_step(attention.encode_features(frames), context.detach().flatten(0, 1))
+        # c_t is an input the attention reads, not something the attention task should train; nor, with
+        # attention_features="encoder", the encoder's maps (the ELBO alone shapes the encoder).
+        feats = (attention.encode_encoder_maps([m.detach() for m in enc_maps]) if attention.reads_encoder_maps
+                 else attention.encode_features(frames))
+        post = attention.posterior_step(feats, context.detach().flatten(0, 1))
         if attention.slot_decoder_out is not None:
             post["slot_recon"] = attention.slot_reconstruction_loss(frames, post["slot_features"])
         return {k: v.reshape(b, t, *v.shape[1:]) for k, v in post.items()}
@@ -310,9 +346,9 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         frames = x.flatten(0, 1)
         feature, enc_maps = self.encoder(frames)
         feature = feature.view(b, t, -1)
-        perc = self._context(x, perceiver_loss)
+        perc = self._context(x, perceiver_loss, enc_maps)
         context = perc["context"]
-        att = self._attention_posterior(frames, context, b, t)
+        att = self._attention_posterior(frames, enc_maps, context, b, t)
         read = context if self.config.perceiver_elbo_gradient else context.detach()
         side = read if att is None else torch.cat([read, att["state"]], dim=-1)
         if is_first is not None:

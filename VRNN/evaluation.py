@@ -515,7 +515,8 @@ def _perceiver_accuracies(net: nn.Module, obs: torch.Tensor, keep) -> None:
     perceiver = getattr(net, "perceiver", None)
     if perceiver is None or not hasattr(perceiver, "next_token_logits") or obs.shape[1] < 2:
         return
-    logits, indices = perceiver.next_token_logits(obs)                 # [B,T,hw,K], [B,T,h,w]
+    features = net.perceiver_features(obs) if hasattr(net, "perceiver_features") else None
+    logits, indices = perceiver.next_token_logits(obs, features)       # [B,T,hw,K], [B,T,h,w]
     b, t = indices.shape[:2]
     codes = indices.reshape(b, t, -1)
     target = codes[:, 1:]

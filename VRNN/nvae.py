@@ -92,6 +92,7 @@ class NVAEEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.head = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(), nn.Conv2d(cin, channels, 1))
         self.feature_dim = channels * 16
+        self.map_widths = tuple(widths)              # channels of the maps ``forward`` returns, stage by stage
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """x [N, 3, S, S] -> f [N, 16 C], maps [[N, C_i, r_i, r_i] for each stage]."""

@@ -60,6 +60,12 @@ class PerceiverIOConfig:
     # The tokenizer's reconstruction loss on every k-th frame of a batch only: its decoder (back to full
     # resolution) is the Perceiver's largest cost, and a quarter of the frames train it about as well.
     recon_every: int = 1
+    # 0: the tokenizer's conv encoder reads the frames. > 0: it reads a feature map [N, feature_channels,
+    # h, w] at token resolution that the caller passes (``features=``, e.g. a world model's own encoder
+    # map), through 1x1 convolutions and `feature_res_blocks` residual blocks only; the decoder still
+    # reconstructs the frames. Saves the strided convolutions over the full-resolution frame.
+    feature_channels: int = 0
+    feature_res_blocks: int = 0
 
     # Per-frame Perceiver encoder
     num_latents: int = 128               # learned latents per frame
@@ -95,7 +101,8 @@ class PerceiverIOConfig:
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "a positive integer")
         _check(self.recon_every >= 1, "recon_every", self.recon_every, "a positive integer")
-        for name in ("num_res_blocks", "num_self_attn_layers", "num_temporal_layers"):
+        for name in ("num_res_blocks", "num_self_attn_layers", "num_temporal_layers", "feature_channels",
+                     "feature_res_blocks"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, name, value, "a non-negative integer")
         _check(self.query_kernel_size % 2 == 1, "query_kernel_size", self.query_kernel_size, "odd")

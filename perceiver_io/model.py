@@ -50,7 +50,10 @@ class CausalPerceiverIO(nn.Module):
         validate_range: check that float inputs are finite and within [-1, 1] (one device sync per call).
 
     Inputs everywhere are videos [B,T,3,H,W] (H = W = `config.image_size`), float in [-1,1] or uint8 in
-    [0,255] (mapped to [-1,1] by x/127.5 - 1), with 1 <= T <= `config.max_seq_len`.
+    [0,255] (mapped to [-1,1] by x/127.5 - 1), with 1 <= T <= `config.max_seq_len`. With
+    `config.feature_channels` > 0 every call that tokenizes also takes ``features`` [B,T,F,h,w] (F =
+    feature_channels, h = w = tokens_per_side), the map the tokenizer reads instead of the pixels; the
+    video is still needed for the reconstruction loss and its shape checks.
     """
 
     def __init__(self, config: PerceiverIOConfig | None = None, validate_range: bool = True) -> None:
@@ -69,7 +72,7 @@ class CausalPerceiverIO(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     # Public API
-    def forward(self, video: Tensor) -> dict[str, Tensor]:
+    def forward(self, video: Tensor, features: Tensor | None = None) -> dict[str, Tensor]:
         """Context and losses in one pass (the world model's entry point; tokenizes once).
 
         video [B,T,3,H,W], T >= 2 -> dict(``context`` [B,T,C] (c_t depends on x_1..x_t, differentiable),
@@ -82,7 +85,7 @@ class CausalPerceiverIO(nn.Module):
         b, t = video.shape[:2]
         frames = video.flatten(0, 1)                                                # [N,3,H,W]
         update = self.training and torch.is_grad_enabled()
-        enc = self._encode_frames(frames, b, t, update=update)
+        enc = self._encode_frames(self._tokenizer_input(frames, features, b, t), b, t, update=update)
         every = self.config.recon_every                                            # frames 0, k, 2k, ...
         recon = self.tokenizer.decode(enc["quantized"][::every])                    # [N/k,3,H,W]
         recon_loss = self.tokenizer.recon_loss(recon, frames[::every])
@@ -97,35 +100,37 @@ class CausalPerceiverIO(nn.Module):
                 "commitment": enc["commitment"], "next_token_ce": ce, "accuracy": accuracy,
                 "copy_accuracy": copy_accuracy, "codebook_perplexity": enc["perplexity"]}
 
-    def compute_loss(self, video: Tensor) -> dict[str, Tensor]:
+    def compute_loss(self, video: Tensor, features: Tensor | None = None) -> dict[str, Tensor]:
         """video [B,T,3,H,W], T >= 2 -> dict(total, recon, commitment, next_token_ce, accuracy,
         copy_accuracy, codebook_perplexity), scalars; `forward` without the context."""
-        out = self.forward(video)
+        out = self.forward(video, features)
         out.pop("context")
         return out
 
-    def extract_context(self, video: Tensor) -> Tensor:
+    def extract_context(self, video: Tensor, features: Tensor | None = None) -> Tensor:
         """video [B,T,3,H,W] -> c [B,T,C]; c_t depends on x_1..x_t only. Differentiable (the tokenizer's
         straight-through codes pass gradients to its encoder); never updates the codebook."""
         video = self._prepare(video, min_frames=1)
         b, t = video.shape[:2]
-        return self._encode_frames(video.flatten(0, 1), b, t, update=False)["context"]
+        inputs = self._tokenizer_input(video.flatten(0, 1), features, b, t)
+        return self._encode_frames(inputs, b, t, update=False)["context"]
 
-    def next_token_logits(self, video: Tensor) -> tuple[Tensor, Tensor]:
+    def next_token_logits(self, video: Tensor, features: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """video [B,T,3,H,W] -> (logits [B,T,h*w,K] for the tokens of x_{t+1} given x_{<=t},
         indices [B,T,h,w] of the frames' own codes). Never updates the codebook."""
         video = self._prepare(video, min_frames=1)
         b, t = video.shape[:2]
-        enc = self._encode_frames(video.flatten(0, 1), b, t, update=False)
+        enc = self._encode_frames(self._tokenizer_input(video.flatten(0, 1), features, b, t), b, t, update=False)
         side = self.config.tokens_per_side
         return self._decode_logits(enc, b, t, upto=t), enc["indices"].view(b, t, side, side)
 
     @torch.no_grad()
-    def encode_tokens(self, video: Tensor) -> Tensor:
+    def encode_tokens(self, video: Tensor, features: Tensor | None = None) -> Tensor:
         """video [B,T,3,H,W] -> codebook indices [B,T,h,w] (int64)."""
         video = self._prepare(video, min_frames=1)
         b, t = video.shape[:2]
-        indices = self.tokenizer.encode(video.flatten(0, 1), update=False)["indices"]
+        indices = self.tokenizer.encode(self._tokenizer_input(video.flatten(0, 1), features, b, t),
+                                        update=False)["indices"]
         return indices.view(b, t, *indices.shape[1:])
 
     @torch.no_grad()
@@ -139,17 +144,17 @@ class CausalPerceiverIO(nn.Module):
         return frames.view(b, t, *frames.shape[1:])
 
     @torch.no_grad()
-    def predict_next_frames(self, video: Tensor) -> Tensor:
+    def predict_next_frames(self, video: Tensor, features: Tensor | None = None) -> Tensor:
         """video [B,T,3,H,W] -> predictions [B,T,3,H,W] in [-1,1]: row t is x_{t+1} predicted from
         x_{<=t} (argmax codes, decoded); the last row predicts the frame after the clip."""
-        logits, _ = self.next_token_logits(video)                                   # [B,T,hw,K]
+        logits, _ = self.next_token_logits(video, features)                                   # [B,T,hw,K]
         side = self.config.tokens_per_side
         b, t = logits.shape[:2]
         return self.decode_tokens(logits.argmax(-1).view(b, t, side, side))
 
     @torch.no_grad()
     def generate(self, context_video: Tensor, n_frames: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, features: Tensor | None = None) -> Tensor:
         """Autoregressive rollout: context_video [B,T0,3,H,W] -> n_frames new frames [B,n,3,H,W] in [-1,1].
 
         Each new frame's tokens are predicted in parallel over positions from the contexts so far, then
@@ -164,7 +169,7 @@ class CausalPerceiverIO(nn.Module):
         video = self._prepare(context_video, min_frames=1)
         b, t0 = video.shape[:2]
         side, window = self.config.tokens_per_side, self.config.max_seq_len
-        enc = self.tokenizer.encode(video.flatten(0, 1), update=False)
+        enc = self.tokenizer.encode(self._tokenizer_input(video.flatten(0, 1), features, b, t0), update=False)
         e, latents, tokens = self.frame_encoder(enc["quantized"])                    # from [B*T0,D,h,w]
         current = enc["indices"].view(b, t0, -1)[:, -1]                             # [B,hw]
         embeddings = list(e.view(b, t0, -1).unbind(1))                              # T0 x [B,C]
@@ -187,9 +192,29 @@ class CausalPerceiverIO(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     # Internals
-    def _encode_frames(self, frames: Tensor, b: int, t: int, update: bool) -> dict[str, Tensor]:
-        """frames [N,3,H,W], N = b*t -> tokenizer outputs plus e, latents, tokens, context [B,T,C]."""
-        enc = self.tokenizer.encode(frames, update=update)
+    def _tokenizer_input(self, frames: Tensor, features: Tensor | None, b: int, t: int) -> Tensor:
+        """What the tokenizer's encoder reads: frames [N,3,H,W] (N = b*t), or with
+        `config.feature_channels` > 0 the checked ``features`` [B,T,F,h,w] flattened to [N,F,h,w]."""
+        cfg = self.config
+        if cfg.feature_channels == 0:
+            if features is not None:
+                raise ValueError("features were passed, but this Perceiver tokenizes pixels "
+                                 "(PerceiverIOConfig.feature_channels=0)")
+            return frames
+        side = cfg.tokens_per_side
+        expected = (b, t, cfg.feature_channels, side, side)
+        if features is None:
+            raise ValueError(f"this Perceiver tokenizes feature maps (feature_channels={cfg.feature_channels});"
+                             f" pass features of shape [B,T,F,h,w] = {list(expected)}")
+        if not isinstance(features, Tensor) or tuple(features.shape) != expected:
+            got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ValueError(f"features must have shape [B,T,F,h,w] = {list(expected)}, got {got}")
+        return features.flatten(0, 1).to(frames.dtype)
+
+    def _encode_frames(self, inputs: Tensor, b: int, t: int, update: bool) -> dict[str, Tensor]:
+        """inputs [N,...] (frames or feature maps, `_tokenizer_input`), N = b*t -> tokenizer outputs plus
+        e, latents, tokens, context [B,T,C]."""
+        enc = self.tokenizer.encode(inputs, update=update)
         e, latents, tokens = self.frame_encoder(enc["quantized"])                   # [N,C], [N,L,E], [N,hw,E]
         enc.update(latents=latents, tokens=tokens, context=self.temporal(e.view(b, t, -1)))
         return enc

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from perceiver_io.config import PerceiverIOConfig
 
-__all__ = ["RECON_LOSS_FNS", "ConvDecoder", "ConvEncoder", "EMAVectorQuantizer", "VQTokenizer"]
+__all__ = ["RECON_LOSS_FNS", "ConvDecoder", "ConvEncoder", "EMAVectorQuantizer", "FeatureEncoder", "VQTokenizer"]
 
 # Batch vectors considered by the farthest-point codebook initialisation (bounds its cost at K x 4096).
 _INIT_SAMPLE = 4096
@@ -83,6 +83,26 @@ class ConvEncoder(nn.Module):
 
     def forward(self, frames: Tensor) -> Tensor:
         return self.net(frames)
+
+
+class FeatureEncoder(nn.Module):
+    """Feature maps [N,F,h,w] at token resolution (F = `config.feature_channels`) -> pre-quantisation
+    vectors [N,D,h,w]: a 1x1 convolution to the tokenizer's top width, `config.feature_res_blocks`
+    residual blocks, GroupNorm, SiLU and a 1x1 convolution to `code_dim`. The tokenizer encoder used
+    when the caller already has a spatial feature map of the frame (no convolution at full resolution).
+    """
+
+    def __init__(self, config: PerceiverIOConfig) -> None:
+        super().__init__()
+        top = config.tokenizer_channels * config.downsample
+        layers: list[nn.Module] = [nn.Conv2d(config.feature_channels, top, 1)]
+        layers += [ResBlock(top) for _ in range(config.feature_res_blocks)]
+        layers += [_group_norm(top), nn.SiLU(), nn.Conv2d(top, config.code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+        self.out_channels = top
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features)
 
 
 class ConvDecoder(nn.Module):
@@ -238,14 +258,15 @@ class VQTokenizer(nn.Module):
     """Frame tokenizer: `encode` frames to straight-through code vectors and indices, `decode` back.
 
     ``encode(frames [N,3,H,W], update=False)`` -> dict(quantized [N,D,h,w], indices [N,h,w],
-    commitment, perplexity); ``decode(codes [N,D,h,w]) -> [N,3,H,W]``;
+    commitment, perplexity); with `config.feature_channels` > 0 ``encode`` takes feature maps
+    [N,feature_channels,h,w] instead of frames (a `FeatureEncoder`); ``decode(codes [N,D,h,w]) -> [N,3,H,W]``;
     ``decode_indices(indices [N,h,w]) -> [N,3,H,W]``; ``recon_loss(recon, target)`` is the configured
     L1 / MSE mean over pixels in [-1,1].
     """
 
     def __init__(self, config: PerceiverIOConfig) -> None:
         super().__init__()
-        self.encoder = ConvEncoder(config)
+        self.encoder = FeatureEncoder(config) if config.feature_channels > 0 else ConvEncoder(config)
         self.quantizer = EMAVectorQuantizer(
             config.num_codes, config.code_dim, decay=config.ema_decay, epsilon=config.ema_epsilon,
             commitment_weight=config.commitment_weight, dead_code_threshold=config.dead_code_threshold,

@@ -45,6 +45,26 @@ def test_shapes_and_distributions(resolution):
     torch.testing.assert_close(seq[0], feats)
 
 
+def test_encoder_map_features_replace_the_pyramid():
+    """encoder_widths given: features come from the encoder's stage maps (any resolution, resized to R),
+    frames are refused, and maps of the wrong widths are a ValueError that names the expected ones."""
+    torch.manual_seed(0)
+    m = AttentionSchema(H, C, D, A, resolution=8, num_slots=3, slot_dim=8, iterations=2, encoder_widths=(4, 6, 6))
+    maps = [torch.randn(2, 4, 16, 16), torch.randn(2, 6, 8, 8), torch.randn(2, 6, 4, 4)]
+    feats = m.encode_encoder_maps(maps)
+    assert feats.shape == (2, 64, 8)
+    post = m.posterior_step(feats, torch.randn(2, C))
+    torch.testing.assert_close(post["map"].sum((1, 2)), torch.ones(2))
+    moved = m.encode_encoder_maps([maps[0], maps[1].flip(-1), maps[2]])
+    assert not torch.allclose(moved, feats)
+    with pytest.raises(ValueError, match="encode_encoder_maps"):
+        m.encode_features(torch.zeros(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"C_i = \(4, 6, 6\)"):
+        m.encode_encoder_maps(maps[:2])
+    with pytest.raises(ValueError, match="encode_features"):
+        make().encode_encoder_maps(maps)
+
+
 def test_posterior_is_deterministic():
     m = make()
     x, h, c, _ = inputs()

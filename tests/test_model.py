@@ -303,6 +303,7 @@ def test_resize_only_when_input_dim_says_so():
     {"use_spectral_norm": True, "use_squeeze_excitation": True},
     {"random_stick_order": True, "alpha_samples": 0, "lstm_layers": 2},
     {"lambda_slot_recon": 1.0},
+    {"perceiver_features": "encoder", "attention_features": "encoder"},
 ])
 def test_config_variants_train(overrides):
     model = _model(5, **overrides)
@@ -319,6 +320,29 @@ def test_config_variants_train(overrides):
         assert model.cell.attention.slot_decoder_out[-1].weight.grad.abs().sum() > 0
     else:
         assert float(losses["attention_slot_recon"]) == 0.0
+
+
+def test_encoder_features_feed_perceiver_and_attention_but_their_tasks_leave_the_encoder_alone():
+    """perceiver_features / attention_features = "encoder": the Perceiver's tokenizer and the attention
+    posterior read the encoder's maps (no pyramid, no strided tokenizer convs), detached, so neither task's
+    gradient reaches the encoder, while both still depend on the frame."""
+    model = _model(3, perceiver_features="encoder", attention_features="encoder")
+    assert not hasattr(model.cell.attention.features, "stem")
+    assert model.perceiver.tokenizer.encoder.net[0].kernel_size == (1, 1)
+    obs, actions = _batch(4)
+    losses, _ = model.compute_total_loss(obs, actions)
+    encoder = list(model.encoder.parameters())
+    for task in ("perceiver_loss", "attention_loss"):
+        grads = torch.autograd.grad(losses[task], encoder, allow_unused=True, retain_graph=True)
+        assert all(g is None or float(g.abs().max()) == 0.0 for g in grads), task
+    model.eval()
+    with torch.no_grad():
+        x = model._prepare_observations(obs)
+        ctx = model.extract_context(x)
+        changed = x.clone()
+        changed[:, 1:] = -changed[:, 1:]
+        ctx2 = model.extract_context(changed)
+    assert torch.allclose(ctx[:, 0], ctx2[:, 0], atol=1e-5) and not torch.allclose(ctx[:, 1], ctx2[:, 1], atol=1e-4)
 
 
 def test_task_parameters_partition_what_each_task_trains(model):

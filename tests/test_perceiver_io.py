@@ -120,6 +120,35 @@ def test_context_and_logits_are_causal():
             assert not torch.allclose(logits[:, t], logits2[:, t], atol=1e-4)
 
 
+def test_feature_map_tokenizer_reads_features_not_pixels():
+    """feature_channels > 0: the tokenizer encodes a [B,T,F,h,w] map (1x1 convs), the video still sets the
+    reconstruction target; missing or misshaped features are ValueErrors; the context stays causal."""
+    model = tiny_model(feature_channels=5, feature_res_blocks=1)
+    video = random_video(2, 4)
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 4, 5, 8, 8, generator=gen)
+    out = model(video, features)
+    assert out["context"].shape == (2, 4, 32) and torch.isfinite(out["total"])
+    out["total"].backward()
+    assert model.tokenizer.encoder.net[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        ctx = model.extract_context(video, features)
+        changed = features.clone()
+        changed[:, 2:] = torch.randn(2, 2, 5, 8, 8, generator=gen)
+        ctx2 = model.extract_context(video, changed)
+        logits, indices = model.next_token_logits(video, features)
+    assert torch.allclose(ctx[:, :2], ctx2[:, :2], atol=1e-5) and not torch.allclose(ctx[:, 2], ctx2[:, 2], atol=1e-4)
+    assert logits.shape == (2, 4, 64, 16) and indices.shape == (2, 4, 8, 8)
+    assert model.generate(video[:, :2], 2, features=features[:, :2]).shape == (2, 2, 3, 32, 32)
+    with pytest.raises(ValueError, match="pass features"):
+        model.extract_context(video)
+    with pytest.raises(ValueError, match=r"\[2, 4, 5, 8, 8\]"):
+        model.extract_context(video, features[:, :, :4])
+    with pytest.raises(ValueError, match="tokenizes pixels"):
+        tiny_model().extract_context(video, features)
+
+
 def test_batch_elements_are_independent():
     model = tiny_model().eval()
     video = random_video(3, 4)
