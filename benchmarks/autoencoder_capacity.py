@@ -1,6 +1,7 @@
 """How well the world model's encoder and decoder can reconstruct an environment's frames on their own.
 
     python benchmarks/autoencoder_capacity.py --data-dir data/walker-walk --minutes 5
+    python benchmarks/autoencoder_capacity.py --data-dir data/walker-walk --minutes 5 --window 16
     python benchmarks/autoencoder_capacity.py --data-dir data/walker-walk --minutes 5 --code-dim 16 \
         --set decoder_channels=32
 
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--code-dim", type=int, default=None,
                         help="numbers in the code (default: latent_dim + hidden_dim of the preset)")
     parser.add_argument("--batch", type=int, default=32, help="frames per step (default 32, the cpu preset's B*T)")
+    parser.add_argument("--window", type=int, default=1,
+                        help="draw each batch as batch/window runs of this many consecutive frames of one episode "
+                             "(the world model's 2 x 16 is --window 16); default 1: independent frames")
     parser.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget")
     parser.add_argument("--eval-every", type=int, default=200, help="steps between test evaluations")
     parser.add_argument("--eval-frames", type=int, default=256, help="test frames scored")
@@ -112,8 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="folder for curve.json and reconstruction.png")
     args = parser.parse_args(argv)
-    if args.minutes <= 0 or args.batch < 1 or args.eval_every < 1:
-        parser.error("--minutes, --batch and --eval-every must be positive")
+    if args.minutes <= 0 or args.batch < 1 or args.eval_every < 1 or args.window < 1:
+        parser.error("--minutes, --batch, --window and --eval-every must be positive")
+    if args.batch % args.window:
+        parser.error(f"--batch {args.batch} is not a multiple of --window {args.window}")
     try:
         overrides = {}
         for item in args.set:
@@ -124,16 +130,21 @@ def main(argv: list[str] | None = None) -> None:
         config = AIMEConfig.preset(args.preset, **overrides)
     except ValueError as err:
         parser.error(str(err))
-    for split in ("train", "test"):
-        if not (args.data_dir / split).is_dir():
-            parser.error(f"{args.data_dir / split} is not a folder; collect the data first "
+    splits = {}
+    for split, legacy in (("train", "train.h5"), ("test", "eval.h5")):
+        candidates = [args.data_dir / split, args.data_dir / legacy]      # split folders, or the old single files
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            parser.error(f"neither {candidates[0]} nor {candidates[1]} exists; collect the data first "
                          f"(python VRNN/collect_dmc.py --env ... --out {args.data_dir})")
+        splits[split] = found[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     code_dim = args.code_dim or config.latent_dim + config.hidden_dim
-    train = frames_of(args.data_dir / "train", args.train_frames)
-    test = frames_of(args.data_dir / "test", args.eval_frames)
+    train = frames_of(splits["train"], args.train_frames)
+    windows = DMCVBDataset(splits["train"], sequence_length=args.window) if args.window > 1 else None
+    test = frames_of(splits["test"], args.eval_frames)
     mean_frame = train.mean(0, keepdim=True)
     baseline = psnr(mean_frame.expand_as(test), test)
     model = FrameAutoencoder(config, code_dim)
@@ -157,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"(mean frame {baseline:.2f})", flush=True)
         if done:
             break
-        batch = train[torch.randint(0, len(train), (args.batch,), generator=gen)]
+        if windows is None:
+            batch = train[torch.randint(0, len(train), (args.batch,), generator=gen)]
+        else:
+            picks = torch.randint(0, len(windows), (args.batch // args.window,), generator=gen).tolist()
+            batch = torch.cat([windows[i]["observations"] for i in picks])
         loss = F.mse_loss(model(batch), batch)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "curve.json").write_text(json.dumps({"config": overrides, "code_dim": code_dim,
+                                                         "batch": args.batch, "window": args.window,
                                                          "mean_frame_psnr": baseline, "curve": curve}, indent=2))
         pick = torch.linspace(0, len(test) - 1, 8).long()
         save_picture(args.out / "reconstruction.png", test[pick], recon[pick],

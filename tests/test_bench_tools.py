@@ -1,0 +1,64 @@
+"""The diagnostic benchmarks that pair config variants of the real step (config_step.py) and train the
+encoder and decoder alone (autoencoder_capacity.py), on their smallest paths."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_step_parses_variants_and_times_each_interleaved(one_thread):
+    cs = _load("config_step")
+    assert cs.parse_variant("enc=perceiver_features=encoder,use_discriminator=false") == (
+        "enc", {"perceiver_features": "encoder", "use_discriminator": False})
+    assert cs.parse_overrides(["batch_size=3", "learning_rate=1e-3"]) == {"batch_size": 3, "learning_rate": 1e-3}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        cs.parse_overrides(["batch_size"])
+    result = cs.measure("smoke", {"preset": {}, "enc": {"perceiver_features": "encoder",
+                                                        "attention_features": "encoder"}},
+                        repeats=2, device=torch.device("cpu"))
+    rows = result["variants"]
+    assert set(rows) == {"preset", "enc"} and rows["preset"]["ratio_to_first"] == 1.0
+    assert all(len(r["step_s"]) == 2 and r["fps"] > 0 for r in rows.values())
+    # the encoder-map inputs drop the attention pyramid and the tokenizer's strided convolutions
+    assert rows["enc"]["gflop_per_frame"] < rows["preset"]["gflop_per_frame"]
+    assert rows["enc"]["parameters_m"] < rows["preset"]["parameters_m"]
+
+
+def test_config_step_refuses_an_unknown_field():
+    out = subprocess.run([sys.executable, "benchmarks/config_step.py", "--set", "no_such_field=1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2 and "no_such_field" in out.stderr
+
+
+def test_autoencoder_capacity_learns_and_writes_its_curve(tiny_dmc_data, tmp_path):
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    out = subprocess.run([sys.executable, "benchmarks/autoencoder_capacity.py", "--data-dir", str(tiny_dmc_data),
+                          "--preset", "smoke", "--minutes", "0.15", "--eval-every", "10", "--batch", "8",
+                          "--threads", "1", "--out", str(tmp_path / "ae")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180, check=False, env=env)
+    assert out.returncode == 0, out.stderr
+    curve = json.loads((tmp_path / "ae" / "curve.json").read_text())
+    psnrs = [row["test_psnr"] for row in curve["curve"]]
+    assert len(psnrs) >= 2 and psnrs[-1] > psnrs[0]        # training moved the reconstruction
+    assert (tmp_path / "ae" / "reconstruction.png").stat().st_size > 0
+    missing = subprocess.run([sys.executable, "benchmarks/autoencoder_capacity.py", "--data-dir",
+                              str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             check=False, env=env)
+    assert missing.returncode == 2 and "collect the data first" in missing.stderr
