@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AIMEConfig", "PRESETS"]
+__all__ = ["AIMEConfig", "PRESETS", "parse_overrides"]
 
 
 @dataclass(frozen=True)
@@ -272,6 +272,34 @@ class AIMEConfig:
 
 def _looks_like_path(source: str | Path) -> bool:
     return isinstance(source, Path) or not str(source).lstrip().startswith("{")
+
+
+def _parse_value(text: str) -> Any:
+    """'3' -> 3, '5e-4' -> 0.0005, 'true' / 'False' -> bool, anything else stays a string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Command-line overrides ``["free_nats=0", "likelihood=mdl"]`` -> ``{"free_nats": 0, "likelihood": "mdl"}``.
+
+    Values become int, float or bool where they read as one. A malformed item or an unknown field is a
+    ``ValueError`` that names it (with close matches); values are checked when a config is built from them.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    AIMEConfig.from_dict({**AIMEConfig().to_dict(), **out})     # unknown fields and bad values fail here
+    return out
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

@@ -3,13 +3,14 @@
 Bottom-up (posterior, a function of x_t)
     A small convolutional feature pyramid maps each frame to an R x R grid of features, computed once for
     all B*T frames (``encode_features``; MODEL.md section 6), or, cheaper, 1x1 projections of the world
-    model's own encoder maps (``encode_encoder_maps``, config ``attention_features="encoder"``). Per step, slot attention (Locatello et al.,
-    2020, "Object-Centric Learning with Slot Attention", Alg. 1: softmax over *slots*, weighted-mean update,
-    GRU, residual MLP) runs ``iterations`` rounds with S slots. The initial slots are not sampled: they come
-    from an MLP on [h_t; c_t], so the posterior is a deterministic function of its inputs and the recurrent
-    state tells the slots what to look for. The slot maps m_k are the last round's attention (softmax over
-    slots, so they sum to 1 over k at every position). Fusion weights w = softmax_k(head([slot_k; h_t]))
-    give A_t = sum_k w_k m_k, renormalised to a distribution over the R*R positions.
+    model's own encoder maps (``encode_encoder_maps``, config ``attention_features="encoder"``). Per step,
+    slot attention (Locatello et al., 2020, "Object-Centric Learning with Slot Attention", Alg. 1: softmax
+    over *slots*, weighted-mean update, GRU, residual MLP) runs ``iterations`` rounds with S slots. The
+    initial slots are not sampled: they come from an MLP on [h_t; c_t], so the posterior is a deterministic
+    function of its inputs and the recurrent state tells the slots what to look for. The slot maps m_k are
+    the last round's attention (softmax over slots, so they sum to 1 over k at every position). Fusion
+    weights w = softmax_k(head([slot_k; h_t])) give A_t = sum_k w_k m_k, renormalised to a distribution over
+    the R*R positions.
     The attention state s_t = MLP([mean_k slot_k; centre of mass of A_t]) feeds the LSTM.
 
 Top-down (prior, a function of the past only)

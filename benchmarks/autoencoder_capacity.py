@@ -23,27 +23,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from VRNN.aime_config import PRESETS, AIMEConfig
+from VRNN.aime_config import PRESETS, AIMEConfig, parse_overrides
 from VRNN.dmc_dataset import DMCVBDataset
 from VRNN.nvae import NVAEDecoder, NVAEEncoder
-
-
-def _parse_value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 class FrameAutoencoder(nn.Module):
@@ -121,12 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch % args.window:
         parser.error(f"--batch {args.batch} is not a multiple of --window {args.window}")
     try:
-        overrides = {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-            overrides[key.strip()] = _parse_value(value.strip())
+        overrides = parse_overrides(args.set)
         config = AIMEConfig.preset(args.preset, **overrides)
     except ValueError as err:
         parser.error(str(err))

@@ -9,7 +9,8 @@ EMA update; ``benchmarks/trainer_step.TrainerHarness``) on the same synthetic ba
 The timed steps alternate between the variants (A B A B ...), so a change in the machine's speed during
 the run falls on all of them alike, and the printed ratio (each variant's median step time over the
 baseline's) is measured in one run. Also printed: frames per second (B*T per second), the FLOPs of the
-whole step per frame (``FlopCounterMode``: forward, backward, optimiser) and the parameter count. Nothing is asserted: this prints measurements.
+whole step per frame (``FlopCounterMode``: forward, backward, optimiser) and the parameter count.
+Nothing is asserted: this prints measurements.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from VRNN.aime_config import AIMEConfig
+from VRNN.aime_config import AIMEConfig, parse_overrides
 
 
 def _trainer_step_module():
@@ -42,30 +43,6 @@ def _trainer_step_module():
 
 _ts = _trainer_step_module()
 TrainerHarness, step_config = _ts.TrainerHarness, _ts.step_config
-
-
-def _parse_value(text: str) -> Any:
-    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, anything else stays a string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """['k=v', ...] -> {k: parsed v}; a malformed item is a ValueError that names it."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        out[key.strip()] = _parse_value(value.strip())
-    return out
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:

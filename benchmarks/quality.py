@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from VRNN.aime_config import PRESETS, AIMEConfig
+from VRNN.aime_config import PRESETS, AIMEConfig, parse_overrides
 
 logger = logging.getLogger("quality")
 
@@ -48,27 +48,12 @@ LADDER: dict[str, dict[str, Any]] = {
 SINE_TEST_DIR = "test_sine"
 
 
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text in ("true", "True", "false", "False"):
-        return text.lower() == "true"
-    return text
-
-
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """``["free_nats=0", "likelihood=mdl"]`` -> ``{"free_nats": 0, "likelihood": "mdl"}`` (checked by AIMEConfig)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"quality.py: --set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
-    AIMEConfig().replace(**out)  # unknown fields fail here, before anything runs
-    return out
+    try:
+        return parse_overrides(items)
+    except ValueError as err:
+        raise SystemExit(f"quality.py: --set: {err}") from None
 
 
 def prepare_data(config: AIMEConfig, data_dir: Path, progress: bool):
