@@ -369,7 +369,8 @@ def test_imagination_reads_only_the_recurrent_state(model, monkeypatch):
     obs, actions = _batch(6, t=3)
     calls = []
     real = model.perceiver.extract_context
-    monkeypatch.setattr(model.perceiver, "extract_context", lambda video: calls.append(video.shape[1]) or real(video))
+    monkeypatch.setattr(model.perceiver, "extract_context",
+                        lambda video, features=None: calls.append(video.shape[1]) or real(video, features))
     out = model.generate_future_sequence(obs[:, :2], actions[:, :2], torch.zeros(B, 5, A), temperature=0.0)
     assert out["frames"].shape == (B, 5, 3, 64, 64)
     assert calls == [2]  # the context once, never the imagined frames
