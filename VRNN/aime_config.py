@@ -54,6 +54,13 @@ class AIMEConfig:
     decoder_channels: int = 64           # base width of the NVAE decoder
     use_spectral_norm: bool = False
     use_squeeze_excitation: bool = True
+    # Residual cells only in the encoder and decoder stages whose maps are at most this many pixels on a
+    # side (64: every stage, as NVAE). The cells at 32 x 32 and 16 x 16 are most of the image model's
+    # multiply-adds at a given width.
+    residual_cell_max_side: int = 64
+    # How each decoder stage doubles the side: "nearest" (nearest-neighbour upsampling, then a 3x3 conv at
+    # the new side; NVAE) or "transposed" (a 4x4 transposed conv of stride 2; DreamerV3), 16/36 of the cost.
+    decoder_upsample: str = "nearest"
 
     # Likelihood p(x_t | z_t, h_t, A_t)
     likelihood: str = "gaussian"         # "gaussian" (docs/MODEL_CHANGES.md) | "mdl" (discretised logistic mixture)
@@ -89,6 +96,11 @@ class AIMEConfig:
     # convolutions; its decoder still reconstructs the frame. "encoder" with attention_features="encoder":
     # 0.82 of the step time, but 0.8 dB less open-loop PSNR from +8 on (docs/MODEL_CHANGES.md section 10).
     perceiver_features: str = "frames"
+    # Whether the posterior q(z_t | f_t, h_t, ...) also reads the side inputs c_t (Perceiver context) and s_t
+    # (attention state), as MODEL.md §2.3 has it. False: it reads f_t and h_t only, as the RSSM posterior
+    # of PlaNet and DreamerV3 does; c_t and s_t then serve their own tasks (the attention posterior, whose
+    # prior map FiLM-modulates the decoder) and nothing the prior cannot see reaches z.
+    posterior_side_inputs: bool = True
 
     # Attention schema
     attention_resolution: int = 16       # R, attention maps are R x R
@@ -171,7 +183,11 @@ class AIMEConfig:
     rgb_inner_lr: float = 0.2
     rgb_scale: str = "norm"              # "norm" | "unit"
     max_nonfinite_steps: int = 5         # stop after this many non-finite steps in a row
-    amp: bool = False                    # bf16 autocast (CUDA only)
+    # bf16 autocast of the training step (weights, optimiser state, likelihood and KLs stay float32): on CUDA,
+    # and on CPUs with native bf16 (AVX512-BF16 or AMX), where convolutions run 2-4x faster; a CPU without it
+    # falls back to float32 with a warning. cpu preset: on (benchmarks/quality.py, cheetah-run, 10 min on one
+    # core each, with lambda_gram=0: 23 % more steps, recon 28.3 vs 27.5 dB, open-loop +1..+8 25.85 vs 25.79).
+    amp: bool = False
     num_workers: int = 0
 
     # ----------------------------------------------------------------------------------------------
@@ -196,6 +212,10 @@ class AIMEConfig:
                "'frames' or 'encoder'")
         _check(self.attention_features in ("frames", "encoder"), "attention_features", self.attention_features,
                "'frames' or 'encoder'")
+        _check(self.decoder_upsample in ("nearest", "transposed"), "decoder_upsample", self.decoder_upsample,
+               "'nearest' or 'transposed'")
+        _check(self.residual_cell_max_side >= 0, "residual_cell_max_side", self.residual_cell_max_side,
+               "0 (no residual cells) or a positive side in pixels")
         _check(self.policy in ("random", "ou", "sine"), "policy", self.policy, "'random', 'ou' or 'sine'")
         _check(self.max_components >= 1, "max_components", self.max_components, "at least 1")
         _check(self.free_nats >= 0, "free_nats", self.free_nats, "a number >= 0")

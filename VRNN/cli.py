@@ -143,7 +143,10 @@ def add_training_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="skip training; evaluate the checkpoint given by --load-checkpoint")
     parser.add_argument("--load-checkpoint", type=Path, default=None,
                         help="checkpoint to evaluate (with --eval-only) or to start from")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast of the training step, on CUDA or on a CPU with native bf16 (AVX512-BF16 "
+                             "or AMX; elsewhere it falls back to float32 with a warning); --no-amp: float32. "
+                             "Default: the preset's (cpu: on, paper and smoke: off)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="also log to TensorBoard (when the tensorboard package is installed)")
     parser.add_argument("--visualize-attention", action="store_true",
@@ -185,8 +188,8 @@ def config_from_args(args: argparse.Namespace, **extra: object) -> AIMEConfig:
     """The preset with the command-line overrides applied (``extra`` wins over both)."""
     overrides = {name: getattr(args, name) for name, _, _ in CONFIG_FLAGS.values()}
     overrides["env"] = args.env
-    if getattr(args, "amp", False):
-        overrides["amp"] = True
+    if getattr(args, "amp", None) is not None:
+        overrides["amp"] = bool(args.amp)
     overrides.update(extra)
     return AIMEConfig.preset(args.preset, **overrides)
 

@@ -113,6 +113,18 @@ def step_seed(seed: int, position: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, position, rank]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
+def amp_supported(amp: bool, device: torch.device) -> bool:
+    """Whether ``config.amp`` (bf16 autocast) takes effect on ``device``: on CUDA, and on a CPU whose oneDNN
+    has native bf16 kernels (AVX512-BF16 or AMX). A CPU without them would emulate bf16 more slowly than
+    float32, so amp is then off, with a warning."""
+    if not amp or device.type == "cuda":
+        return amp
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return True
+    logger.warning("amp (bf16 autocast) is not supported natively on this %s; training in float32", device.type)
+    return False
+
+
 class DMCVBTrainer:
     """Owns optimisers, aggregator, discriminator steps, schedules, EMA, AMP, checkpoints, logs, evaluation.
 
@@ -180,6 +192,7 @@ class DMCVBTrainer:
                                          batched_grads=self.device.type == "cuda",
                                          **AGGREGATOR_KWARGS[c.aggregator](c))
         self.ema = ModelEMA(model, c.ema_decay)
+        self._amp = amp_supported(c.amp, self.device)
         install_statistics_hooks(self.model)  # VQ codebook statistics of the global batch (not in the EMA copy)
         self.grad_diag = GradDiagnostics()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=c.keep_checkpoints)
@@ -271,8 +284,8 @@ class DMCVBTrainer:
     # ----------------------------------------------------------------------------------------------
     # One step
     def _autocast(self):
-        if self.config.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self._amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def _loader(self) -> DataLoader:

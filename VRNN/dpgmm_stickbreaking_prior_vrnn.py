@@ -121,7 +121,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         size = c.image_size
         self.pixel_dims = 3 * size * size
 
-        self.encoder = NVAEEncoder(c.encoder_channels, size, c.use_squeeze_excitation, c.use_spectral_norm)
+        self.encoder = NVAEEncoder.from_config(c)
         self.perceiver = None
         self._perceiver_map = None       # index of the encoder map the tokenizer reads (perceiver_features)
         if c.use_perceiver:
@@ -139,11 +139,10 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
                            random_stick_order=c.random_stick_order)
         self.cell = VRNNCell(self.encoder.feature_dim, c.hidden_dim, c.context_dim if c.use_perceiver else 0,
                              c.latent_dim, c.action_dim, attention, prior, lstm_layers=c.lstm_layers,
-                             attention_resolution=c.attention_resolution)
+                             attention_resolution=c.attention_resolution, side_inputs=c.posterior_side_inputs)
         self.likelihood = build_likelihood(c.likelihood, c.num_mixtures)
-        self.decoder = NVAEDecoder(c.latent_dim + c.hidden_dim, self.likelihood.num_params, c.decoder_channels,
-                                   size, c.use_squeeze_excitation, c.use_spectral_norm,
-                                   out_bias=self.likelihood.initial_bias())
+        self.decoder = NVAEDecoder.from_config(c, c.latent_dim + c.hidden_dim, self.likelihood.num_params,
+                                               out_bias=self.likelihood.initial_bias())
         self.discriminator = TemporalDiscriminator(c.latent_dim, c.disc_channels, c.img_disc_layers,
                                                    c.disc_num_heads, image_size=size) if c.use_discriminator else None
         if device is not None:
@@ -349,8 +348,11 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         perc = self._context(x, perceiver_loss, enc_maps)
         context = perc["context"]
         att = self._attention_posterior(frames, enc_maps, context, b, t)
-        read = context if self.config.perceiver_elbo_gradient else context.detach()
-        side = read if att is None else torch.cat([read, att["state"]], dim=-1)
+        if self.config.posterior_side_inputs:
+            read = context if self.config.perceiver_elbo_gradient else context.detach()
+            side = read if att is None else torch.cat([read, att["state"]], dim=-1)
+        else:   # the RSSM posterior: f_t and h_t only
+            side = feature.new_zeros(b, t, 0)
         if is_first is not None:
             if tuple(is_first.shape) != (b, t):
                 raise ValueError(f"is_first must have shape [B={b}, T={t}], got {tuple(is_first.shape)}")

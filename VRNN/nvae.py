@@ -31,8 +31,19 @@ def _groups(channels: int) -> int:
     return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
 
+def _has_cell(side: int, cell_max_side: int | None) -> bool:
+    """Whether a stage whose maps are ``side`` x ``side`` gets a residual cell (None: every stage)."""
+    return cell_max_side is None or side <= cell_max_side
+
+
 def _conv(cin: int, cout: int, kernel: int = 3, stride: int = 1, sn: bool = False) -> nn.Module:
     conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2)
+    return _spectral_norm(conv) if sn else conv
+
+
+def _conv_transposed(cin: int, cout: int, sn: bool = False) -> nn.Module:
+    """4x4 transposed convolution of stride 2: [N, cin, r, r] -> [N, cout, 2r, 2r]."""
+    conv = nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1)
     return _spectral_norm(conv) if sn else conv
 
 
@@ -72,7 +83,7 @@ class NVAEEncoder(nn.Module):
     returns the maps after each stage (for Gram anchoring)."""
 
     def __init__(self, channels: int = 64, image_size: int = 64, use_se: bool = True,
-                 spectral_norm: bool = False) -> None:
+                 spectral_norm: bool = False, cell_max_side: int | None = None) -> None:
         super().__init__()
         n_down = round(math.log2(image_size // 4))
         if 4 * 2**n_down != image_size:
@@ -83,16 +94,24 @@ class NVAEEncoder(nn.Module):
         self.stem = nn.Sequential(nn.PixelUnshuffle(2), _conv(12, channels, sn=spectral_norm))
         stages, cin = [], channels
         for i, cout in enumerate(widths):
+            side = image_size // 2 // 2**i
             # GroupNorm + swish on the main path: with the residual gates at 0 the network must still be
             # non-linear from the first step (docs/MODEL_CHANGES.md).
+            cell = [ResidualCell(cout, use_se, spectral_norm)] if _has_cell(side, cell_max_side) else []
             stages.append(nn.Sequential(_conv(cin, cout, stride=1 if i == 0 else 2, sn=spectral_norm),
-                                        nn.GroupNorm(_groups(cout), cout), nn.SiLU(),
-                                        ResidualCell(cout, use_se, spectral_norm)))
+                                        nn.GroupNorm(_groups(cout), cout), nn.SiLU(), *cell))
             cin = cout
         self.stages = nn.ModuleList(stages)
         self.head = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(), nn.Conv2d(cin, channels, 1))
         self.feature_dim = channels * 16
         self.map_widths = tuple(widths)              # channels of the maps ``forward`` returns, stage by stage
+
+    @classmethod
+    def from_config(cls, config) -> NVAEEncoder:
+        """The encoder of an ``AIMEConfig`` (encoder_channels, image_size, use_squeeze_excitation,
+        use_spectral_norm, residual_cell_max_side)."""
+        return cls(config.encoder_channels, config.image_size, config.use_squeeze_excitation,
+                   config.use_spectral_norm, config.residual_cell_max_side)
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """x [N, 3, S, S] -> f [N, 16 C], maps [[N, C_i, r_i, r_i] for each stage]."""
@@ -133,23 +152,32 @@ class NVAEDecoder(nn.Module):
     (conv3x3 to 4P channels, depth-to-space) gives the P parameter maps at S = image_size."""
 
     def __init__(self, input_dim: int, out_channels: int, channels: int = 64, image_size: int = 64,
-                 use_se: bool = True, spectral_norm: bool = False, out_bias: Tensor | None = None) -> None:
+                 use_se: bool = True, spectral_norm: bool = False, out_bias: Tensor | None = None,
+                 cell_max_side: int | None = None, upsample: str = "nearest") -> None:
         super().__init__()
+        if upsample not in ("nearest", "transposed"):
+            raise ValueError(f"upsample={upsample!r} is invalid: expected 'nearest' or 'transposed'")
         n_up = round(math.log2(image_size // 4))
         top = 4 * channels
         self.top = top
         self.fc = nn.Sequential(nn.Linear(input_dim, 2 * top), nn.SiLU(), nn.Linear(2 * top, top * 16))
-        self.cell0 = ResidualCell(top, use_se, spectral_norm)
+        self.cell0 = ResidualCell(top, use_se, spectral_norm) if _has_cell(4, cell_max_side) else nn.Identity()
         # Upsampling stages to S/2; the last step to full resolution is a sub-pixel convolution (ESPCN: one
         # conv at S/2 to 4P channels, then depth-to-space), so no convolution runs at S x S: at 64x64 the
-        # last stage had cost half of the decoder's FLOPs (docs/MODEL_CHANGES.md).
+        # last stage had cost half of the decoder's FLOPs (docs/MODEL_CHANGES.md). Each stage doubles the
+        # side by nearest-neighbour upsampling and a 3x3 conv at the new side (NVAE), or by a 4x4 transposed
+        # conv of stride 2 (DreamerV3), which does the same job with 16/36 of the multiply-adds.
         widths = [channels * max(1, 4 // 2**i) for i in range(n_up - 1)]  # 4C, 2C, C
         ups, films, cells, cin = [], [], [], top
-        for cout in widths:
-            ups.append(nn.Sequential(_conv(cin, cout, sn=spectral_norm), nn.GroupNorm(_groups(cout), cout), nn.SiLU()))
+        for i, cout in enumerate(widths):
+            side = 8 * 2**i
+            grow = (_conv(cin, cout, sn=spectral_norm) if upsample == "nearest"
+                    else _conv_transposed(cin, cout, spectral_norm))
+            ups.append(nn.Sequential(grow, nn.GroupNorm(_groups(cout), cout), nn.SiLU()))
             films.append(_AttentionFiLM(cout))
-            cells.append(ResidualCell(cout, use_se, spectral_norm))
+            cells.append(ResidualCell(cout, use_se, spectral_norm) if _has_cell(side, cell_max_side) else nn.Identity())
             cin = cout
+        self.upsample = upsample
         self.ups, self.films, self.cells = nn.ModuleList(ups), nn.ModuleList(films), nn.ModuleList(cells)
         self.out = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(),
                                  nn.Conv2d(cin, 4 * out_channels, 3, padding=1), nn.PixelShuffle(2))
@@ -159,12 +187,21 @@ class NVAEDecoder(nn.Module):
                 self.out[-2].bias.copy_(out_bias.repeat_interleave(4))
                 self.out[-2].weight.mul_(0.1)
 
+    @classmethod
+    def from_config(cls, config, input_dim: int, out_channels: int, out_bias: Tensor | None = None) -> NVAEDecoder:
+        """The decoder of an ``AIMEConfig`` (decoder_channels, image_size, use_squeeze_excitation,
+        use_spectral_norm, residual_cell_max_side, decoder_upsample) from ``input_dim`` inputs to
+        ``out_channels`` parameter maps."""
+        return cls(input_dim, out_channels, config.decoder_channels, config.image_size,
+                   config.use_squeeze_excitation, config.use_spectral_norm, out_bias=out_bias,
+                   cell_max_side=config.residual_cell_max_side, upsample=config.decoder_upsample)
+
     def forward(self, x: Tensor, attention_map: Tensor) -> Tensor:
         """x [N, I], attention_map [N, R, R] (sums to 1) -> params [N, P, S, S]."""
         res = attention_map.shape[-1]
         att = torch.log1p(attention_map.unsqueeze(1) * (res * res))  # uniform map -> log 2
         h = self.cell0(self.fc(x).view(-1, self.top, 4, 4))
         for up, film, cell in zip(self.ups, self.films, self.cells):
-            h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            h = up(F.interpolate(h, scale_factor=2.0, mode="nearest") if self.upsample == "nearest" else h)
             h = cell(film(h, att))
         return self.out(h)

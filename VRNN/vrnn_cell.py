@@ -61,18 +61,20 @@ class VRNNCell(nn.Module):
     """Posterior head, LSTM, DPGMM prior and (optionally) the attention schema.
 
     Sizes: feature F (encoder), H hidden, C context (0 without the Perceiver), D latent, A action,
-    attention state size (0 without the attention schema: ``attention=None``).
+    attention state size (0 without the attention schema: ``attention=None``). ``side_inputs`` False: the
+    posterior reads [f_t; h_t] only (the RSSM posterior) and ``posterior_step`` takes a side of 0 columns.
     """
 
     def __init__(self, feature_dim: int, hidden_dim: int, context_dim: int, latent_dim: int, action_dim: int,
                  attention: AttentionSchema | None, prior: DPGMMPrior, lstm_layers: int = 1,
-                 attention_resolution: int = 16) -> None:
+                 attention_resolution: int = 16, side_inputs: bool = True) -> None:
         super().__init__()
         self.hidden_dim, self.context_dim, self.latent_dim = hidden_dim, context_dim, latent_dim
         self.attention_resolution = attention.resolution if attention is not None else attention_resolution
         state_dim = attention.attention_dim if attention is not None else 0
+        side_dim = context_dim + state_dim if side_inputs else 0
         self.prior = prior
-        self.posterior = PosteriorHead(feature_dim + hidden_dim + context_dim + state_dim, latent_dim, hidden_dim)
+        self.posterior = PosteriorHead(feature_dim + hidden_dim + side_dim, latent_dim, hidden_dim)
         self.attention = attention
         self.lstm = LSTMLayer(latent_dim + action_dim, hidden_dim, num_layers=lstm_layers, layer_norm=True)
 

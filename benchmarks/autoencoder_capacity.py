@@ -38,10 +38,9 @@ class FrameAutoencoder(nn.Module):
 
     def __init__(self, config: AIMEConfig, code_dim: int) -> None:
         super().__init__()
-        s = config.image_size
-        self.encoder = NVAEEncoder(config.encoder_channels, s, config.use_squeeze_excitation)
+        self.encoder = NVAEEncoder.from_config(config)
         self.code = nn.Linear(self.encoder.feature_dim, code_dim)
-        self.decoder = NVAEDecoder(code_dim, 3, config.decoder_channels, s, config.use_squeeze_excitation)
+        self.decoder = NVAEDecoder.from_config(config, code_dim, 3)
         self.register_buffer("uniform", torch.full((1, config.attention_resolution, config.attention_resolution),
                                                    1.0 / config.attention_resolution ** 2))
 
@@ -155,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             picks = torch.randint(0, len(windows), (args.batch // args.window,), generator=gen).tolist()
             batch = torch.cat([windows[i]["observations"] for i in picks])
-        loss = F.mse_loss(model(batch), batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp):   # --set amp=true: bf16
+            out = model(batch)
+        loss = F.mse_loss(out.float(), batch)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

@@ -304,6 +304,9 @@ def test_resize_only_when_input_dim_says_so():
     {"random_stick_order": True, "alpha_samples": 0, "lstm_layers": 2},
     {"lambda_slot_recon": 1.0},
     {"perceiver_features": "encoder", "attention_features": "encoder"},
+    {"posterior_side_inputs": False},
+    {"residual_cell_max_side": 8, "decoder_upsample": "transposed"},
+    {"residual_cell_max_side": 0},
 ])
 def test_config_variants_train(overrides):
     model = _model(5, **overrides)
@@ -389,3 +392,18 @@ def test_observation_reaches_the_state_only_through_z(model):
             hs.append(state.h)
             state = model.cell.advance(state, steps["z"][:, i], a[:, i])
     torch.testing.assert_close(torch.stack(hs, 1), steps["h"])
+
+
+def test_posterior_without_side_inputs_reads_frame_and_state_only():
+    """posterior_side_inputs=False (the RSSM posterior): q(z_t) reads [f_t; h_t] only, so moving the
+    Perceiver's context c_t leaves every z_t unchanged."""
+    model = _model(2, posterior_side_inputs=False)
+    assert model.cell.posterior.net[0].in_features == model.encoder.feature_dim + model.config.hidden_dim
+    obs, actions = _batch(3)
+    x = model._prepare_observations(obs)
+    a = model._prepare_actions(actions, B, T)
+    with torch.no_grad():
+        ref, _, _ = model._observe_loop(x, a, None, None, perceiver_loss=False, posterior_mean=True)
+        model.perceiver.temporal.register_forward_hook(lambda _m, _i, out: out + 100.0)
+        moved, _, _ = model._observe_loop(x, a, None, None, perceiver_loss=False, posterior_mean=True)
+    torch.testing.assert_close(ref["z_mean"], moved["z_mean"])

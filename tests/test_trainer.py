@@ -216,3 +216,27 @@ def test_training_facade_reexports_the_canonical_objects():
     assert training.DMCVBTrainer is canonical.DMCVBTrainer
     assert training.DMCVBDataset is VRNN.dmc_dataset.DMCVBDataset is canonical.DMCVBDataset
     assert set(training.__all__) == {"DMCVBTrainer", "DMCVBDataset", "TrainResult", "NonFiniteTrainingError"}
+
+
+def test_amp_on_cpu_trains_in_bf16_or_falls_back_with_a_warning(tiny_dmc_data, tmp_path, monkeypatch, caplog):
+    """config.amp on a CPU: bf16 autocast where oneDNN has native bf16, float32 with a warning elsewhere;
+    either way a step trains every task and stays finite."""
+    from VRNN import dmc_vb_transition_dynamics_trainer as trainer_module
+
+    torch.set_num_threads(1)
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    trainer = make_trainer(tiny_dmc_data, tmp_path / "amp", amp=True, max_steps=1)
+    assert trainer._amp is native
+    if native:
+        with trainer._autocast():
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    before = _params(trainer)
+    trainer.train()
+    after = _params(trainer)
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert trainer_module.amp_supported(True, torch.device("cpu")) is False
+    assert "float32" in caplog.text
+    assert trainer_module.amp_supported(False, torch.device("cpu")) is False
