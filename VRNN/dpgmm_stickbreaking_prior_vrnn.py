@@ -663,18 +663,22 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         with self._inference():
             _, state, _ = self._observe_loop(x, a_ctx, None, generator, perceiver_loss=False,
                                              posterior_mean=temperature <= 0)
-            out: dict[str, list[Tensor]] = {k: [] for k in keys}
+            out: dict[str, list[Tensor]] = {k: [] for k in keys[1:]}
             for j in range(a_fut.shape[1]):
                 params, att_prior = self.cell.prior_step(state)
                 z, pi = self.cell.prior.sample(params, temperature, generator)
                 prior_map = state.map_prev if att_prior is None else att_prior["map"]
-                frame = self.likelihood.mean(self.decoder(torch.cat([z, state.h], -1), prior_map).float())
-                for key, value in zip(keys, (frame, z, pi, state.h, prior_map)):
+                for key, value in zip(keys[1:], (z, pi, state.h, prior_map)):
                     out[key].append(value)
                 state = self.cell.advance(state, z, a_fut[:, j])
                 if att_prior is not None:
                     state.map_prev, state.center_prev = prior_map, center_of_mass(prior_map)
-        result = {k: torch.stack(v, dim=1) for k, v in out.items()}
+            result = {k: torch.stack(v, dim=1) for k, v in out.items()}
+            # No imagined frame is fed back (the state alone carries the world), so the decoder runs once
+            # over all B*F imagined steps after the latent rollout instead of once per step.
+            dec_in = torch.cat([result["latents"], result["hidden_states"]], -1).flatten(0, 1)
+            params = self.decoder(dec_in, result["attention_prior_maps"].flatten(0, 1)).float()
+            result["frames"] = self.likelihood.mean(params).view(b, a_fut.shape[1], *x.shape[2:])
         result["attention_maps"] = result["attention_prior_maps"]
         return result
 
