@@ -174,8 +174,12 @@ class DiscretizedGaussian(nn.Module):
         lo = torch.where(flip, -upper, lower)
         log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
         interior = log_hi + _log1mexp(log_lo - log_hi)
-        return torch.where(x < -_EDGE, torch.special.log_ndtr(upper),
-                           torch.where(x > _EDGE, torch.special.log_ndtr(-lower), interior))
+        # Edge bins from the same two evaluations: the lowest level needs log Phi(upper), which is log_hi
+        # unflipped and log(1 - Phi(-upper)) = log1mexp(log_lo) flipped; the highest needs log Phi(-lower),
+        # log_hi flipped and log1mexp(log_lo) unflipped (two log_ndtr passes over the image, not four).
+        low_edge, high_edge = x < -_EDGE, x > _EDGE
+        edge = torch.where((low_edge & ~flip) | (high_edge & flip), log_hi, _log1mexp(log_lo))
+        return torch.where(low_edge | high_edge, edge, interior)
 
     def log_prob_pixels(self, params: Tensor, x: Tensor) -> Tensor:
         """params [N, 3, H, W] (means), x [N, 3, H, W] in [-1, 1] -> [N, H, W] nats (channels independent)."""

@@ -127,3 +127,19 @@ def test_gaussian_scale_is_learned_and_registry_errors():
         build_likelihood("laplace")
     with pytest.raises(ValueError, match="parameter channels"):
         DiscretizedLogisticMixture(2).log_prob(torch.zeros(1, 7, 2, 2), torch.zeros(1, 3, 2, 2))
+
+
+def test_gaussian_gradients_are_finite_at_the_edge_bins():
+    """Means beyond the edges with sharp and wide scales: finite log-probabilities and gradients for the
+    lowest and highest levels (the edge terms reuse the interior's two log_ndtr evaluations)."""
+    lik = DiscretizedGaussian()
+    x = torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.0]).view(1, 1, 1, 5).repeat(1, 3, 1, 1)
+    for scale in (1e-3, 0.01, 0.3, 3.0):
+        with torch.no_grad():
+            lik.log_scale.fill_(math.log(scale))
+        means = torch.tensor([-1.07, 1.07, 0.9, -0.9, 0.5]).view(1, 1, 1, 5).repeat(1, 3, 1, 1).requires_grad_()
+        lp = lik.channel_log_probs(means, x)
+        lp.sum().backward()
+        assert bool(torch.isfinite(lp).all()) and bool(torch.isfinite(means.grad).all()), scale
+        if scale <= 0.01:   # a sharp mean beyond the lowest level puts nearly all its mass in the lowest bin
+            assert float(lp[0, 0, 0, 0]) > -1e-3
