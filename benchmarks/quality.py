@@ -56,6 +56,22 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         raise SystemExit(f"quality.py: --set: {err}") from None
 
 
+def _waiting_for_other_writers(collect, wait_s: float = 1800.0, poll_s: float = 5.0):
+    """``collect()``, retried while another process holds a split folder's lock (two ladders started at
+    once on the same data folder: the second waits for the first's collection, then finds it complete)."""
+    from VRNN.hdf5_io import DataFileError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return collect()
+        except DataFileError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            logger.info("waiting for another process to finish writing the data: %s", err)
+            time.sleep(poll_s)
+
+
 def prepare_data(config: AIMEConfig, data_dir: Path, progress: bool):
     """Train / validation / test splits of ``config`` (OU policy), plus a test split of the sine policy with
     the test seeds (``data_dir/test_sine``). Returns (train, validation, sine test) datasets."""
@@ -63,12 +79,14 @@ def prepare_data(config: AIMEConfig, data_dir: Path, progress: bool):
     from VRNN.ddp_utils import DistContext
     from VRNN.run_setup import ensure_dataset, load_datasets, load_eval_dataset
 
-    splits = ensure_dataset(config, data_dir, DistContext(device=torch.device("cpu")), progress=progress)
+    splits = _waiting_for_other_writers(lambda: ensure_dataset(
+        config, data_dir, DistContext(device=torch.device("cpu")), progress=progress))
     sine = data_dir / SINE_TEST_DIR
     # Seeds of run seed + 1: disjoint from every split of the training run's seed.
-    collect_split(sine, config.env, split_seeds(config.seed + 1, config.eval_episodes, "test"),
-                  config.episode_length, "sine", action_repeat=config.action_repeat, image_size=config.image_size,
-                  progress=progress, desc="test (sine policy)", split="test")
+    _waiting_for_other_writers(lambda: collect_split(
+        sine, config.env, split_seeds(config.seed + 1, config.eval_episodes, "test"), config.episode_length,
+        "sine", action_repeat=config.action_repeat, image_size=config.image_size, progress=progress,
+        desc="test (sine policy)", split="test"))
     train, validation, _ = load_datasets(config, *splits)
     return train, validation, load_eval_dataset(config, sine)
 
@@ -261,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = parse_sets(args.set)
 
     from VRNN.cli import default_data_dir
+    from VRNN.dmc_vb_transition_dynamics_trainer import write_json_atomic
     from VRNN.run_setup import canonical_env
 
     env = canonical_env(args.env)
@@ -272,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, results = [], {}
     summary_path = out / "summary.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     for name in names:
         label = name if args.name is None else f"{name}+{args.name}"
         config = base.replace(**LADDER[name], action_dim=train.action_dim)
@@ -285,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         row = summary_row(label, timing, result)
         rows.append(row)
         config.to_json(run_dir / "config.json")
+        # Read again just before writing: another ladder may share --out and have added its rows meanwhile.
+        previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         previous[label] = {"row": row, "config": sets | LADDER[name], "history": timing["history"]}
-        summary_path.write_text(json.dumps(previous, indent=2, default=float) + "\n")
+        write_json_atomic(summary_path, previous)
         logger.info("%s: %s", label, json.dumps({k: v for k, v in row.items() if k != "config"}, default=float))
     rows += baseline_rows(next(iter(results.values())))
     print_table(rows)

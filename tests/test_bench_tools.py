@@ -62,3 +62,26 @@ def test_autoencoder_capacity_learns_and_writes_its_curve(tiny_dmc_data, tmp_pat
                               str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True, timeout=120,
                              check=False, env=env)
     assert missing.returncode == 2 and "collect the data first" in missing.stderr
+
+
+def test_quality_waits_for_another_ladder_that_is_writing_the_data():
+    """Two quality.py ladders started at once on one data folder: the second retries while the first holds
+    a split's lock, and any other data error is raised at once."""
+    from VRNN.hdf5_io import DataFileError
+
+    q = _load("quality")
+    calls = []
+
+    def collect():
+        calls.append(1)
+        if len(calls) < 3:
+            raise DataFileError("data/x/test_sine is being written by another process (locked); wait for it")
+        return "splits"
+
+    assert q._waiting_for_other_writers(collect, wait_s=5.0, poll_s=0.01) == "splits" and len(calls) == 3
+
+    def broken():
+        raise DataFileError("data/x/train/ep_000001.h5 is damaged")
+
+    with pytest.raises(DataFileError, match="damaged"):
+        q._waiting_for_other_writers(broken, wait_s=5.0, poll_s=0.01)
