@@ -34,7 +34,7 @@ _AIME_FIELDS = {
     "perceiver_max_seq_len": "max_seq_len",
 }
 # Read when present (newer fields; older configs without them take the PerceiverIOConfig default).
-_OPTIONAL_AIME_FIELDS = {"perceiver_recon_every": "recon_every"}
+_OPTIONAL_AIME_FIELDS = {"perceiver_recon_every": "recon_every", "perceiver_downsample": "downsample"}
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ class PerceiverIOConfig:
 
         Reads ``image_size, img_perceiver_channels, perceiver_code_dim, num_codebook_perceiver,
         num_latent_perceiver, num_latent_channels_perceiver, context_dim, perceiver_num_heads,
-        perceiver_self_attn_layers, perceiver_temporal_layers, perceiver_max_seq_len,
-        perceiver_recon_every``; ``overrides``
+        perceiver_self_attn_layers, perceiver_temporal_layers, perceiver_max_seq_len``, and when present
+        ``perceiver_recon_every, perceiver_downsample``; ``overrides``
         (PerceiverIOConfig field names) win.
         """
         missing = [name for name in _AIME_FIELDS if not hasattr(aime_config, name)]

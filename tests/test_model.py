@@ -305,6 +305,8 @@ def test_resize_only_when_input_dim_says_so():
     {"lambda_slot_recon": 1.0},
     {"perceiver_features": "encoder", "attention_features": "encoder"},
     {"posterior_side_inputs": False},
+    {"perceiver_downsample": 8, "perceiver_features": "encoder"},
+    {"perceiver_downsample": 8},
     {"residual_cell_max_side": 8, "decoder_upsample": "transposed"},
     {"residual_cell_max_side": 0},
 ])
