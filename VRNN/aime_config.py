@@ -121,6 +121,10 @@ class AIMEConfig:
     gp_weight: float = 10.0              # WGAN-GP gradient-penalty weight
     n_critic: int = 1                    # discriminator steps per generator step
     adversarial_warmup_steps: int = 1000
+    # The adversarial task and the discriminator's own steps begin at this optimiser step (VQGAN's
+    # "disc_start"): before it the decoder learns from the ELBO alone and a step skips the discriminator's
+    # passes; the warm-up of adversarial_warmup_steps starts here.
+    adversarial_start_steps: int = 0
     feature_matching_weight: float = 1.0
 
     # Ablation switches (benchmarks/quality.py): each removes one pillar; max_components=1 is the

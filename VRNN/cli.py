@@ -57,6 +57,8 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--warmup-steps": ("warmup_steps", int, "linear learning-rate warm-up steps before the cosine decay"),
     "--beta-warmup-steps": ("beta_warmup_steps", int, "steps of the linear KL-weight (beta) warm-up"),
     "--adversarial-warmup-steps": ("adversarial_warmup_steps", int, "steps of the adversarial-loss warm-up"),
+    "--adversarial-start-steps": ("adversarial_start_steps", int,
+                                  "optimiser step at which the adversarial task and the discriminator start"),
     "--disc-learning-rate": ("disc_learning_rate", float, "peak AdamW learning rate of the discriminator"),
     "--n-critic": ("n_critic", int, "discriminator steps per generator step"),
     "--grad-clip": ("grad_clip", float, "global gradient-norm clipping threshold"),

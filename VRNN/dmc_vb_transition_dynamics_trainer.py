@@ -306,7 +306,7 @@ class DMCVBTrainer:
         obs = batch["observations"].to(self.device, non_blocking=True)
         actions = batch["actions"].to(self.device, non_blocking=True)
         beta = beta_at(self.step, c.beta, c.beta_warmup_steps)
-        adv = adversarial_weight_at(self.step, c.adversarial_warmup_steps)
+        adv = adversarial_weight_at(self.step, c.adversarial_warmup_steps, c.adversarial_start_steps)
         self.model.train()
         t0 = time.perf_counter()
         # The forward pass updates statistics buffers (the VQ codebook's EMA); a skipped step restores them
@@ -342,7 +342,7 @@ class DMCVBTrainer:
         self.scheduler.step()
 
         disc_scalars: dict[str, float] = {}
-        for _ in range(c.n_critic if self.disc_params else 0):
+        for _ in range(c.n_critic if self.disc_params and self.step >= c.adversarial_start_steps else 0):
             with self._autocast():
                 d = self.model.discriminator_loss(obs, outputs)
             self.disc_optimizer.zero_grad(set_to_none=True)

@@ -502,8 +502,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         ``lambda_div``, ``lambda_gram``, ``feature_matching_weight``), so a run's saved config is exactly what
         ran. Callers pass only the per-step schedule factors: ``beta`` is the KL weight's warm-up factor
         (multiplied by ``config.beta``; 1.0 = fully warmed up) and ``adversarial_weight`` the adversarial
-        warm-up factor in [0, 1]. ``ema_model`` (the EMA copy) enables Gram anchoring when lambda_gram > 0.
-        Per-frame terms are divided by 3*H*W (nats per dimension) and averaged over B and T; each weight is
+        warm-up factor in [0, 1] (0: the adversarial task is off and the discriminator is not run).
+        ``ema_model`` (the EMA copy) enables Gram anchoring when lambda_gram > 0. Per-frame terms are divided by 3*H*W (nats per dimension) and averaged over B and T; each weight is
         applied once.
         """
         c = self.config
@@ -544,7 +544,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         attention_loss = beta * att_kl + lambda_att_dyn * att_dyn + lambda_div * att_div \
             + c.lambda_slot_recon * slot_recon
 
-        if self.discriminator is not None:
+        if self.discriminator is not None and adversarial_weight > 0:
             z_cond = outputs["latents"].detach()
             fake = self.discriminator(outputs["reconstructions"], z_cond)
             with torch.no_grad():

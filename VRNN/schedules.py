@@ -34,9 +34,12 @@ def kl_warmup_at(step: int, warmup_steps: int) -> float:
     return linear_warmup(step, warmup_steps)
 
 
-def adversarial_weight_at(step: int, warmup_steps: int) -> float:
-    """Factor in [0, 1] that multiplies the generator's adversarial loss (the discriminator first learns)."""
-    return linear_warmup(step, warmup_steps)
+def adversarial_weight_at(step: int, warmup_steps: int, start: int = 0) -> float:
+    """Factor in [0, 1] that multiplies the generator's adversarial loss: 0 before step ``start`` (the
+    adversarial task is off), then a linear warm-up over ``warmup_steps``."""
+    if step < start:
+        return 0.0
+    return linear_warmup(step - start, warmup_steps)
 
 
 class WarmupCosine:

@@ -44,7 +44,8 @@ def train(config: AIMEConfig, data: DMCVBDataset, aggregator_name: str, steps: i
         actions = torch.stack([it["actions"] for it in items])
         losses, _ = model.compute_total_loss(
             obs, actions, beta=kl_warmup_at(step, config.beta_warmup_steps),
-            adversarial_weight=adversarial_weight_at(step, config.adversarial_warmup_steps))
+            adversarial_weight=adversarial_weight_at(step, config.adversarial_warmup_steps,
+                                                     config.adversarial_start_steps))
         optimizer.zero_grad(set_to_none=True)
         aggregator.backward({k: losses[k] for k in TASK_LOSS_KEYS}, params)
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

@@ -180,6 +180,7 @@ class TrainerHarness:
         if single_backward:
             self.trainer.aggregator = SingleBackward()
         warmups = [getattr(config, k, 0) for k in ("beta_warmup_steps", "adversarial_warmup_steps", "warmup_steps")]
+        warmups.append(getattr(config, "adversarial_start_steps", 0) + getattr(config, "adversarial_warmup_steps", 0))
         if hasattr(self.trainer, "step"):
             self.trainer.step = max(warmups)
         self.batch = collate([data[i] for i in range(config.batch_size)])

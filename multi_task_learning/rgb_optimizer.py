@@ -235,6 +235,15 @@ class GradientAggregator:
             per_task = [list(ps) for ps in task_params]
             if len(per_task) != T:
                 raise ValueError(f"task_params has {len(per_task)} entries for {T} losses")
+        # Shared = declared by several tasks. The set is fixed by the declaration, not by which tasks give a
+        # gradient this step, so the aggregator's dimension D stays the same when a task is switched off for
+        # a while (a loss without a graph, e.g. the adversarial task before adversarial_start_steps): its
+        # rows are zeros, which aggregators skip.
+        declared: dict[int, tuple[Tensor, set[int]]] = {}
+        for i, ps in enumerate(per_task):
+            for p in ps:
+                if p.requires_grad:
+                    declared.setdefault(id(p), (p, set()))[1].add(i)
         # grads[id(p)] = (p, {task index: gradient})
         grads: dict[int, tuple[Tensor, dict[int, Tensor]]] = {}
         live = [i for i in range(T) if losses[i].requires_grad and any(p.requires_grad for p in per_task[i])]
@@ -244,8 +253,9 @@ class GradientAggregator:
             for p, g in zip(params, torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=keep)):
                 if g is not None:
                     grads.setdefault(id(p), (p, {}))[1][i] = g
-        single = [(p, next(iter(gs.values()))) for p, gs in grads.values() if len(gs) == 1]
-        shared = [(p, gs) for p, gs in grads.values() if len(gs) > 1]
+        single = [(p, next(iter(grads[id(p)][1].values()))) for p, tasks in declared.values()
+                  if len(tasks) == 1 and id(p) in grads]
+        shared = [(p, grads[id(p)][1] if id(p) in grads else {}) for p, tasks in declared.values() if len(tasks) > 1]
         if single:
             flat = torch.cat([g.reshape(-1) for _, g in single]).unsqueeze(0)
             if self.grad_reduce_hook is not None:  # data-parallel: the same mean over ranks as G gets
@@ -279,7 +289,17 @@ class GradientAggregator:
             self.grad_reduce_hook = hook
         if left_out:
             combined = combined + G[small].sum(dim=0)
-        self._write([(p, None) for p, _ in shared], combined)
+        # Parameters that no task reached this step keep their .grad (None stays None).
+        offsets, start = [], 0
+        for p, _ in shared:
+            offsets.append((start, start + p.numel()))
+            start += p.numel()
+        reached = [k for k, (_, gs) in enumerate(shared) if gs]
+        if len(reached) == len(shared):
+            self._write([(p, None) for p, _ in shared], combined)
+        elif reached:
+            self._write([(shared[k][0], None) for k in reached],
+                        torch.cat([combined[offsets[k][0]:offsets[k][1]] for k in reached]))
         diag.update(self.last_diagnostics)
         diag["left_out"] = left_out
         return diag

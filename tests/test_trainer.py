@@ -183,6 +183,7 @@ def test_aggregator_choice_and_parameter_groups(tiny_dmc_data, tmp_path):
 def test_schedules():
     assert beta_at(0, 1.0, 4) == pytest.approx(0.25) and beta_at(3, 1.0, 4) == 1.0 and beta_at(99, 2.0, 4) == 2.0
     assert adversarial_weight_at(0, 0) == 1.0
+    assert [adversarial_weight_at(s, 2, start=3) for s in range(6)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
     f = WarmupCosine(warmup_steps=10, max_steps=110, min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
@@ -240,3 +241,22 @@ def test_amp_on_cpu_trains_in_bf16_or_falls_back_with_a_warning(tiny_dmc_data, t
         assert trainer_module.amp_supported(True, torch.device("cpu")) is False
     assert "float32" in caplog.text
     assert trainer_module.amp_supported(False, torch.device("cpu")) is False
+
+
+def test_adversarial_start_keeps_the_discriminator_out_until_its_step(tiny_dmc_data, tmp_path):
+    """adversarial_start_steps=2: steps 0 and 1 neither train the discriminator nor give the generator an
+    adversarial loss; from step 2 both run."""
+    torch.set_num_threads(1)
+    trainer = make_trainer(tiny_dmc_data, tmp_path / "late", adversarial_start_steps=2, adversarial_warmup_steps=1,
+                           max_steps=3)
+    disc = lambda: [p.detach().clone() for p in trainer.model.discriminator_parameters()]
+    loader = iter(trainer._loader())
+    before = disc()
+    for _ in range(2):
+        scalars = trainer.train_step(next(loader))
+        assert scalars["adversarial_weight"] == 0.0 and scalars["adversarial_loss"] == 0.0
+        assert "disc/disc_loss" not in scalars
+    assert all(torch.equal(a, b) for a, b in zip(before, disc()))
+    scalars = trainer.train_step(next(loader))
+    assert scalars["adversarial_weight"] == 1.0 and "disc/disc_loss" in scalars
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc()))
