@@ -503,8 +503,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         ran. Callers pass only the per-step schedule factors: ``beta`` is the KL weight's warm-up factor
         (multiplied by ``config.beta``; 1.0 = fully warmed up) and ``adversarial_weight`` the adversarial
         warm-up factor in [0, 1] (0: the adversarial task is off and the discriminator is not run).
-        ``ema_model`` (the EMA copy) enables Gram anchoring when lambda_gram > 0. Per-frame terms are divided by 3*H*W (nats per dimension) and averaged over B and T; each weight is
-        applied once.
+        ``ema_model`` (the EMA copy) enables Gram anchoring when lambda_gram > 0. Per-frame terms are divided
+        by 3*H*W (nats per dimension) and averaged over B and T; each weight is applied once.
         """
         c = self.config
         beta = c.beta * float(beta)
