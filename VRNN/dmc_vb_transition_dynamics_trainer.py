@@ -357,7 +357,8 @@ class DMCVBTrainer:
             disc_values = torch.stack([d[k].detach().float().reshape(()) for k in disc_names]).tolist()
             disc_scalars = {f"disc/{k}": v for k, v in zip(disc_names, disc_values)}
             disc_scalars["disc/grad_norm"] = disc_norm
-        self.disc_scheduler.step()
+        if disc_scalars:   # the discriminator's schedule counts its own steps (none before adversarial_start_steps)
+            self.disc_scheduler.step()
         broadcast_buffers(self.model)
         self.ema.update(self.model)
         self.step += 1
