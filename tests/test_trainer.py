@@ -257,6 +257,8 @@ def test_adversarial_start_keeps_the_discriminator_out_until_its_step(tiny_dmc_d
         assert scalars["adversarial_weight"] == 0.0 and scalars["adversarial_loss"] == 0.0
         assert "disc/disc_loss" not in scalars
     assert all(torch.equal(a, b) for a, b in zip(before, disc()))
+    assert trainer.disc_scheduler.last_epoch == 0   # its warm-up starts with its first step
     scalars = trainer.train_step(next(loader))
     assert scalars["adversarial_weight"] == 1.0 and "disc/disc_loss" in scalars
+    assert trainer.disc_scheduler.last_epoch == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, disc()))
