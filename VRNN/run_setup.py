@@ -28,7 +28,7 @@ from VRNN.aime_config import AIMEConfig
 from VRNN.cli import config_from_args, default_data_dir
 from VRNN.ddp_utils import DistContext, barrier, is_distributed
 from VRNN.dmc_dataset import DMCVBDataset
-from VRNN.hdf5_io import DataFileError, DataSplits, DiskFullError, find_splits
+from VRNN.hdf5_io import DataFileError, DataSplits, DiskFullError, Split, find_splits
 
 __all__ = [
     "InputError",
@@ -142,6 +142,12 @@ def ensure_dataset(config: AIMEConfig, data_dir: Path | None, ctx: DistContext,
     splits = find_splits(data_dir)
     if splits is None:
         raise DataFileError(f"{data_dir} holds no dataset after collection (expected train/ and test/)")
+    if ctx.is_main and splits.train.is_dir():
+        held = len(Split(splits.train))
+        if held < config.train_episodes:
+            logger.warning("%s holds %d finished training episodes, fewer than the %d this config collects; "
+                           "training on them as they are (collect into a new --data-dir for the full set)",
+                           splits.train, held, config.train_episodes)
     return splits
 
 

@@ -164,6 +164,11 @@ def test_ensure_dataset_collects_three_splits_resumes_and_reads_old_data(tmp_pat
     assert Split(data / "train").indices == [0, 1] and (data / "train" / "ep_000000.h5").read_bytes() == kept
     train, validation, test = load_datasets(config, *splits)
     assert validation is not test and len(train) == 2 * (7 - 4 + 1)
+    # a finished split with fewer episodes than a later config asks for is used as it is, with a warning
+    with caplog.at_level(logging.WARNING, logger="VRNN.run_setup"):
+        assert ensure_dataset(config.replace(train_episodes=5), data, DistContext(), progress=False) == splits
+    assert any("2 finished training episodes, fewer than the 5" in r.getMessage() for r in caplog.records)
+    assert Split(data / "train").indices == [0, 1]
     # an old two-split folder is used as it is, and one log line says what serves as validation
     old = tmp_path / "old"
     old.mkdir()
