@@ -354,13 +354,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # the same open-loop PSNR (benchmarks/quality.py, cheetah-run, 10 min on one core each: 863 vs 702
         # steps, +1..+8 25.85 vs 25.79 dB, recon 28.3 vs 27.5 dB; docs/MODEL_CHANGES.md section 11).
         amp=True, lambda_gram=0.0,
-        # No discriminator for the first 1500 steps (about 10 minutes): without it walker-walk reconstructs
-        # 1.5 dB better at 10 minutes and cheetah-run predicts the same (docs/RESULTS.md 2e), and the early
-        # steps skip its passes. 60 training episodes instead of 20 (a minute of collection): walker-walk
-        # predicts 0.26 dB better over +1..+8 at 10 minutes (docs/MODEL_CHANGES.md section 13).
-        adversarial_start_steps=1500,
-        warmup_steps=100, beta_warmup_steps=300, adversarial_warmup_steps=500, max_steps=3000,
-        train_episodes=60, eval_episodes=4, episode_length=200, log_every=10, eval_every=500,
+        warmup_steps=100, beta_warmup_steps=300, adversarial_warmup_steps=500, max_steps=4000,
+        train_episodes=20, eval_episodes=4, episode_length=200, log_every=10, eval_every=500,
         checkpoint_every=250, eval_windows=64, eval_context_frames=5, eval_horizon=15,
     ),
     # Seconds: used by the test suite.
