@@ -190,9 +190,9 @@ def aggregator_section(preset: str, batch: int | None, seq: int | None, device: 
     base = trainer_step.step_config(preset, batch, seq)
     own = base.aggregator if base.aggregator != "sum" else "rgb"
     variants = [(own, own, False), ("sum of the losses, one backward", "sum", True), ("sum (per-task gradients)", "sum", False)]
-    harnesses = [trainer_step.TrainerHarness(trainer_step.step_config(preset, batch, seq, aggregator=agg)
-                                             .replace(amp=amp), dev, single_backward=single)
-                 for _, agg, single in variants]
+    configs = [trainer_step.step_config(preset, batch, seq, aggregator=agg) for _, agg, _ in variants]
+    harnesses = [trainer_step.TrainerHarness(c.replace(amp=True) if amp else c, dev, single_backward=single)
+                 for c, (_, _, single) in zip(configs, variants)]
     times = _interleaved(harnesses, repeats, warmup)
     med = [_median(ts) for ts in times]
     out = {"preset": preset, "batch": base.batch_size, "seq": base.sequence_length,
@@ -508,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default benchmarks/results.json; benchmarks/results-quick.json with --quick)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast in the step (the trainer's; CUDA only)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast in the step for every preset (default: each preset's own amp field; "
+                             "the trainer's autocast, on CUDA and on CPUs with native bf16)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (median reported)")
     parser.add_argument("--shape", nargs="+", default=[], metavar="PRESET=BxT",
