@@ -34,7 +34,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,12 @@ _PUBLIC_DEFAULTS: dict[str, Any] = {
 # Per-step [B, T] terms of the cell that forward_sequence returns under the same name.
 _STEP_KEYS = ("kl_z", "kl_sticks", "kl_alpha", "attention_kl", "attention_dynamics", "attention_diversity",
               "attention_slot_recon", "prior_means", "prior_logvars", "stick_a", "stick_b", "alpha_shape", "alpha_rate")
+
+
+def recurrent_precision(device: torch.device) -> AbstractContextManager:
+    """Autocast off: the posterior head, the LSTM and the DPGMM prior run in float32 inside a bf16
+    autocast region (the convolutional parts around them stay in bf16)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _map_entropy(maps: Tensor) -> Tensor:
@@ -362,15 +368,19 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         noise = torch.randn((b, t, self.config.latent_dim), generator=generator, device=x.device, dtype=x.dtype)
         state = self.cell.initial_state(b)
         hs, zs, means, logvars = [], [], [], []
-        for i in range(t):
-            state = self.cell.reset(state, None if is_first is None else is_first[:, i])
-            mean, logvar = self.cell.posterior_step(state, feature[:, i], side[:, i])
-            z = mean if posterior_mean else mean + torch.exp(0.5 * logvar) * noise[:, i].to(mean.dtype)
-            hs.append(state.h)
-            zs.append(z)
-            means.append(mean)
-            logvars.append(logvar)
-            state = self.cell.advance(state, z, actions[:, i])
+        # The recurrent core runs in float32 even under bf16 autocast (docs/MODEL_CHANGES.md section 14):
+        # its matmuls are a few percent of the step, and bf16 recurrence cost ~1 dB past position 16.
+        with recurrent_precision(x.device):
+            feature, side, actions = feature.float(), side.float(), actions.float()
+            for i in range(t):
+                state = self.cell.reset(state, None if is_first is None else is_first[:, i])
+                mean, logvar = self.cell.posterior_step(state, feature[:, i], side[:, i])
+                z = mean if posterior_mean else mean + torch.exp(0.5 * logvar) * noise[:, i].to(mean.dtype)
+                hs.append(state.h)
+                zs.append(z)
+                means.append(mean)
+                logvars.append(logvar)
+                state = self.cell.advance(state, z, actions[:, i])
         stacked = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1), "z_mean": torch.stack(means, 1),
                    "z_logvar": torch.stack(logvars, 1), "noise": noise}
         if att is not None:
@@ -394,7 +404,8 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         h, z = steps["h"], steps["z"]
         b, t = h.shape[:2]
         flat = lambda v: v.flatten(0, 1)
-        params = self.cell.prior(flat(h))
+        with recurrent_precision(h.device):
+            params = self.cell.prior(flat(h))
         terms = self.cell.prior.step_terms(params, flat(steps["z_mean"]), flat(steps["z_logvar"]), generator,
                                            first_noise=flat(steps["noise"]))
         out = {k: v.reshape(b, t, *v.shape[1:]) for k, v in terms.items() if k != "z"}

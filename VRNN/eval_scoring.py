@@ -327,6 +327,17 @@ def _wins(full: tuple, moving: tuple) -> list[bool]:
     return wins
 
 
+def _steps_text(steps: Sequence[int]) -> str:
+    """[1, 2, 3, 7, 9, 10] -> '+1..+3, +7, +9..+10' (sorted 1-based steps as runs)."""
+    runs: list[list[int]] = []
+    for k in steps:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join(f"+{a}" if a == b else f"+{a}..+{b}" for a, b in runs)
+
+
 def _beats_from(wins: Sequence[bool]) -> int | None:
     """Smallest k (1-based) with wins at steps k..F; None when the last step is lost."""
     k = None
@@ -369,6 +380,9 @@ def verdict(summary: Mapping[str, Any], controls: Mapping[str, Any] | None = Non
         code = "beats_every_baseline"
         k = max(beats.values())
         text = f"prediction beats every baseline from +{k} (of +{horizon})"
+        all_won = [j + 1 for j in range(horizon) if all(gaps[b]["wins"][j] for b in BASELINES)]
+        if len(all_won) > horizon - k + 1:   # won steps before +k too, with a gap that is not significant
+            text += f", and at {len(all_won)} of {horizon} steps in all ({_steps_text(all_won)})"
         weakest = min(BASELINES, key=lambda b: gaps[b]["psnr_mean"] if gaps[b]["psnr_mean"] is not None else 0)
         text += f"; closest baseline: {BASELINE_NAMES[weakest]} ({gap_text(weakest)})"
     else:

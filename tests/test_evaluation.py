@@ -21,6 +21,7 @@ from VRNN.ema import ModelEMA
 from VRNN.eval_scoring import (
     BASELINES,
     MOVING_THRESHOLD,
+    _beats_from,
     jackknife_ratio_of_means,
     mean_and_se,
     moving_psnr_per_image,
@@ -440,3 +441,18 @@ def test_component_responsibilities_and_gallery(tmp_path):
     frames = torch.rand(4, 3, 64, 64) * 2 - 1
     path = plot_component_gallery(frames, r, tmp_path / "gallery.png", per_component=2)
     assert path is not None and path.stat().st_size > 0
+
+
+def test_verdict_names_every_won_step_when_a_middle_stretch_is_not_significant():
+    """A model that wins +1..+3 and +5 against every baseline but not +4 (a gap under 2 SE) is 'beats every
+    baseline from +5', and the text says it also won +1..+3."""
+    wins = {b: [True, True, True, False, True] for b in BASELINES}
+    wins["copy_last"] = [True] * 5
+    gaps = {b: {"wins": w, "beats_from": _beats_from(w), "psnr_mean": 1.0, "psnr_mean_se": 0.1,
+                "moving_psnr_mean": 2.0, "moving_psnr_mean_se": 0.1} for b, w in wins.items()}
+    v = verdict({"gaps": gaps, "pred_psnr": [30.0] * 5})
+    assert v["code"] == "beats_every_baseline"
+    assert v["text"].startswith("prediction beats every baseline from +5 (of +5), and at 4 of 5 steps in all "
+                                "(+1..+3, +5)")
+    clean = {b: dict(g, wins=[True] * 5, beats_from=1) for b, g in gaps.items()}
+    assert ", and at" not in verdict({"gaps": clean, "pred_psnr": [30.0] * 5})["text"]

@@ -409,3 +409,21 @@ def test_posterior_without_side_inputs_reads_frame_and_state_only():
         model.perceiver.temporal.register_forward_hook(lambda _m, _i, out: out + 100.0)
         moved, _, _ = model._observe_loop(x, a, None, None, perceiver_loss=False, posterior_mean=True)
     torch.testing.assert_close(ref["z_mean"], moved["z_mean"])
+
+
+def test_recurrent_core_runs_in_float32_under_bf16_autocast(model, monkeypatch):
+    """Under the trainer's bf16 autocast the LSTM, the posterior head and the DPGMM prior run with autocast
+    off (docs/MODEL_CHANGES.md section 14), while the encoder around them stays in bf16."""
+    seen: dict[str, list[bool]] = {"lstm": [], "posterior": [], "prior": [], "encoder": []}
+    for name, module in (("lstm", model.cell.lstm), ("posterior", model.cell.posterior),
+                         ("prior", model.cell.prior), ("encoder", model.encoder)):
+        module.register_forward_pre_hook(lambda _m, _i, key=name: seen[key].append(torch.is_autocast_enabled("cpu")))
+    monkeypatch.setattr(model.cell.lstm, "step", lambda *a, real=model.cell.lstm.step: (
+        seen["lstm"].append(torch.is_autocast_enabled("cpu")), real(*a))[1])
+    obs, actions = _batch(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, outputs = model.compute_total_loss(obs, actions)
+    assert seen["encoder"] and all(seen["encoder"])
+    for key in ("lstm", "posterior", "prior"):
+        assert seen[key] and not any(seen[key]), key
+    assert outputs["hidden_states"].dtype == torch.float32 and torch.isfinite(losses["total_vae_loss"])
