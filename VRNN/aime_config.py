@@ -188,7 +188,8 @@ class AIMEConfig:
     rgb_inner_lr: float = 0.2
     rgb_scale: str = "norm"              # "norm" | "unit"
     max_nonfinite_steps: int = 5         # stop after this many non-finite steps in a row
-    # bf16 autocast of the training step (weights, optimiser state, likelihood and KLs stay float32): on CUDA,
+    # bf16 autocast of the training step (weights, optimiser state, likelihood, KLs and the recurrent core -
+    # posterior head, LSTM, DPGMM prior - stay float32; docs/MODEL_CHANGES.md 11, 14): on CUDA,
     # and on CPUs with native bf16 (AVX512-BF16 or AMX), where convolutions run 2-4x faster; a CPU without it
     # falls back to float32 with a warning. cpu preset: on (benchmarks/quality.py, cheetah-run, 10 min on one
     # core each, with lambda_gram=0: 23 % more steps, recon 28.3 vs 27.5 dB, open-loop +1..+8 25.85 vs 25.79).
