@@ -66,6 +66,12 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--keep-checkpoints": ("keep_checkpoints", int, "numbered checkpoints kept beside latest.pt and best.pt"),
     "--max-nonfinite-steps": ("max_nonfinite_steps", int, "stop after this many non-finite steps in a row"),
     "--num-workers": ("num_workers", int, "DataLoader worker processes per rank"),
+    # The pillars, as switches (--no-discriminator, ...): the ablations of benchmarks/quality.py
+    "--discriminator": ("use_discriminator", bool,
+                        "the temporal discriminator and the adversarial task; --no-discriminator removes both "
+                        "(walker-walk predicts better without it at the cpu budget: docs/RESULTS.md 2d)"),
+    "--perceiver": ("use_perceiver", bool, "the Perceiver context c_t and its task; --no-perceiver removes both"),
+    "--attention": ("use_attention", bool, "the attention schema and its task; --no-attention removes both"),
 }
 
 
@@ -128,7 +134,11 @@ def build_parser(description: str, argv: Sequence[str] | None = None) -> argpars
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to train; auto picks cuda when available")
     for flag, (name, kind, help_text) in CONFIG_FLAGS.items():
-        parser.add_argument(flag, dest=name, type=kind, default=getattr(base, name), help=help_text)
+        if kind is bool:   # --flag / --no-flag
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=getattr(base, name),
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=getattr(base, name), help=help_text)
     return parser
 
 

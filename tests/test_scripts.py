@@ -71,12 +71,18 @@ def test_env_spellings_resolve_to_one_name(spelling):
 
 
 def test_config_flags_reach_the_config():
+    from VRNN.cli import explicit_config_flags
+
     parser = build_parser("x", ["--preset", "smoke"])
     add_training_flags(parser)
     args = parser.parse_args(["--preset", "smoke", "--n-critic", "3", "--aggregator", "pcgrad", "--amp"])
     config = config_from_args(args)
     assert (config.n_critic, config.aggregator, config.amp, config.hidden_dim) == (3, "pcgrad", True, 16)
     assert set(CONFIG_FLAGS) <= set(_all_flags())
+    # the pillar switches: --no-X turns one off, the others keep the preset's value
+    off = config_from_args(parser.parse_args(["--preset", "smoke", "--no-discriminator"]))
+    assert (off.use_discriminator, off.use_perceiver, off.use_attention) == (False, True, True)
+    assert explicit_config_flags(parser, parser.parse_args(["--no-attention"])) == {"use_attention": False}
 
 
 def test_explicit_flags_are_detected():
