@@ -55,6 +55,10 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("seed", int, "random seed (data order, initialisation, sampling)"),
     "--max-steps": ("max_steps", int, "stop after this many optimiser steps"),
     "--warmup-steps": ("warmup_steps", int, "linear learning-rate warm-up steps before the cosine decay"),
+    "--lr-follows-budget": ("lr_follows_budget", bool,
+                            "with --minutes, the learning-rate cosine also follows the fraction of the budget "
+                            "spent, so it reaches its floor when the budget ends; --no-lr-follows-budget: on "
+                            "the step alone (step / --max-steps)"),
     "--beta-warmup-steps": ("beta_warmup_steps", int, "steps of the linear KL-weight (beta) warm-up"),
     "--adversarial-warmup-steps": ("adversarial_warmup_steps", int, "steps of the adversarial-loss warm-up"),
     "--adversarial-start-steps": ("adversarial_start_steps", int,
@@ -81,7 +85,9 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
 # evaluates and saves. Every other flag typed with --resume must equal the run's value (config.json / the
 # checkpoint), or the resume is refused with the list of differing fields.
 RESUME_CHANGEABLE: dict[str, str] = {
-    "--minutes": "the budget of this session (default: the run's own --minutes, counted afresh)",
+    "--minutes": "the budget of this session (default: the run's own --minutes, counted afresh); with "
+                 "lr_follows_budget the learning-rate cosine goes on from where it stopped to its floor at "
+                 "the end of this budget",
     "--device": "where this session runs",
     "--threads": "CPU threads of this session",
     "--stop-file": "the stop file of this session",

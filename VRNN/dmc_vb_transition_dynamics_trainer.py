@@ -466,6 +466,14 @@ class DMCVBTrainer:
         return make_plots(self.ema.module, self.eval_data if split == "validation" else self.test_data, self.config,
                           plots_dir, evaluation, self.run_dir / "metrics.jsonl")
 
+    def set_budget_fraction(self, fraction: float) -> None:
+        """Tell both learning-rate schedules (generator and discriminator) that ``fraction`` in [0, 1] of
+        the wall-clock budget is spent; their cosines then stand at least that far along
+        (``WarmupCosine.set_budget_fraction``; ``train`` calls it each step when ``config.lr_follows_budget``
+        and a ``minutes`` budget is set)."""
+        for scheduler in (self.scheduler, self.disc_scheduler):
+            scheduler.lr_lambdas[0].set_budget_fraction(fraction)
+
     # ----------------------------------------------------------------------------------------------
     def train(self, until: int | None = None) -> TrainResult:
         """Train to ``config.max_steps`` (or to step ``until``), evaluating every ``eval_every`` steps and
@@ -487,6 +495,10 @@ class DMCVBTrainer:
         reason, started, steps_done = "max_steps" if until is None or until >= c.max_steps else "until", \
             time.perf_counter(), 0
         evaluated_at = -1
+        # With a wall-clock budget the learning-rate cosine also follows the fraction of it spent (resumed
+        # runs go on from the fraction they had reached), so it ends at its floor when the budget ends.
+        budget_s = self.minutes * 60.0 if (self.minutes and c.lr_follows_budget) else None
+        spent_before = self.scheduler.lr_lambdas[0].budget_fraction
         try:
             loader = self._loader()
             batches, per_epoch = iter(loader), loader.batch_sampler.batches_per_epoch
@@ -498,6 +510,9 @@ class DMCVBTrainer:
                 if c.num_workers == 0 and hasattr(self.train_data, "set_epoch"):
                     # new augmentation draws each epoch (items are fetched lazily, in this process)
                     self.train_data.set_epoch(self.position // per_epoch)
+                if budget_s is not None:
+                    self.set_budget_fraction(
+                        spent_before + (1.0 - spent_before) * (time.perf_counter() - started) / budget_s)
                 scalars = self.train_step(next(batches))
                 if scalars is None:
                     continue

@@ -2,8 +2,11 @@
 the adversarial warm-up factor.
 
 Every schedule is a pure function of the optimiser step (0-based: the value used BY step ``step``), so a
-resumed run reproduces them from the step counter alone. The learning-rate schedule is wrapped in a
-``torch.optim.lr_scheduler.LambdaLR`` whose multiplier is a picklable object (its state is plain numbers).
+resumed run reproduces them from the step counter alone; the one exception is the learning rate of a run
+with a wall-clock budget (``WarmupCosine.budget_fraction``), whose cosine also follows the fraction of the
+budget spent, so that it reaches its floor when the budget ends even if ``max_steps`` is never reached.
+The learning-rate schedule is wrapped in a ``torch.optim.lr_scheduler.LambdaLR`` whose multiplier is a
+picklable object (its state is plain numbers, saved with the scheduler's ``state_dict``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ class WarmupCosine:
 
     ``LambdaLR`` calls it with the number of scheduler steps taken so far, which equals the optimiser
     step about to be taken. Past ``max_steps`` it stays at ``min_ratio``.
+
+    ``budget_fraction`` (in [0, 1], default 0; set by a trainer with a wall-clock budget through
+    ``set_budget_fraction``): the fraction of that budget spent. After the warm-up the cosine's progress is
+    the larger of the step fraction and this, so a run that stops on its budget before ``max_steps`` ends
+    at ``min_ratio`` too instead of part-way down the cosine (docs/MODEL_CHANGES.md 15).
     """
 
     def __init__(self, warmup_steps: int, max_steps: int, min_ratio: float = 0.1) -> None:
@@ -57,12 +65,19 @@ class WarmupCosine:
         self.warmup_steps = int(warmup_steps)
         self.max_steps = int(max_steps)
         self.min_ratio = float(min_ratio)
+        self.budget_fraction = 0.0
+
+    def set_budget_fraction(self, fraction: float) -> None:
+        """Record the fraction of the wall-clock budget spent (clipped to [0, 1]; it never decreases)."""
+        if not math.isfinite(fraction):
+            raise ValueError(f"fraction={fraction} is invalid: expected a finite number")
+        self.budget_fraction = max(self.budget_fraction, min(1.0, max(0.0, float(fraction))))
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return linear_warmup(step, self.warmup_steps)
         span = max(1, self.max_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
+        progress = min(1.0, max((step - self.warmup_steps) / span, getattr(self, "budget_fraction", 0.0)))
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

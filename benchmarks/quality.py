@@ -107,6 +107,8 @@ def train_one(config: AIMEConfig, train, validation, run_dir: Path, minutes: flo
     started, done, history = time.perf_counter(), 0, []
     bar = tqdm(total=steps, desc=run_dir.name, unit="step", disable=not progress, leave=False)
     while (steps is None or done < steps) and (deadline is None or time.perf_counter() < deadline):
+        if deadline is not None and config.lr_follows_budget:   # as DMCVBTrainer.train does with --minutes
+            trainer.set_budget_fraction((time.perf_counter() - started) / (60.0 * minutes))
         scalars = trainer.train_step(next(loader))
         done += 1
         bar.update(1)

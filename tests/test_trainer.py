@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -189,6 +190,39 @@ def test_schedules():
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     values = [f(s) for s in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(values))
+    # A wall-clock budget half spent moves the cosine to its middle; it never moves back, nor the warm-up.
+    f.set_budget_fraction(0.5)
+    assert f(20) == pytest.approx(0.55) and f(85) == pytest.approx(f.min_ratio + 0.9 * 0.5 * (1 + math.cos(0.75 * math.pi)))
+    assert f(0) == pytest.approx(0.1)
+    f.set_budget_fraction(0.2)
+    assert f.budget_fraction == 0.5
+    f.set_budget_fraction(3.0)
+    assert f(20) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="fraction=nan"):
+        f.set_budget_fraction(float("nan"))
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_learning_rate_follows_the_wall_clock_budget(tiny_dmc_data, tmp_path, follows):
+    torch.set_num_threads(1)
+    trainer = make_trainer(tiny_dmc_data, tmp_path / "run", max_steps=10_000, warmup_steps=1,
+                           lr_follows_budget=follows)
+    trainer.minutes = 0.03   # 1.8 s: a handful of smoke steps, far from max_steps
+    result = trainer.train()
+    assert result.reason == "budget" and 1 <= result.step < 1000
+    peak = trainer.config.learning_rate
+    lr = trainer.optimizer.param_groups[-1]["lr"] / trainer.optimizer.param_groups[-1]["initial_lr"] * peak
+    spent = trainer.scheduler.lr_lambdas[0].budget_fraction
+    if follows:
+        # the step alone would leave the cosine at ~1; the budget (most of it spent) takes it down
+        assert spent > 0.5 and lr < 0.6 * peak
+        assert trainer.disc_scheduler.lr_lambdas[0].budget_fraction == spent
+        # the fraction is checkpointed: a resumed trainer goes on from it
+        again = make_trainer(tiny_dmc_data, tmp_path / "run", max_steps=10_000, warmup_steps=1)
+        again.load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+        assert again.scheduler.lr_lambdas[0].budget_fraction == pytest.approx(spent)
+    else:
+        assert spent == 0.0 and lr > 0.99 * peak
 
 
 def test_sampler_is_a_function_of_seed_and_position():
