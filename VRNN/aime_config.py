@@ -142,6 +142,14 @@ class AIMEConfig:
     kl_prior_scale: float = 0.5          # weight of the prior-training half (DreamerV3 "dyn": 0.5)
     kl_posterior_scale: float = 0.1      # weight of the posterior-training half (DreamerV3 "rep": 0.1)
 
+    # Observation overshooting (docs/MODEL_CHANGES.md 16): after overshoot_context filtered frames of each
+    # training window, the rest of the window is imagined open loop (the prior's most probable component
+    # mean, the true actions; what the evaluation does) and decoded, and overshoot_weight times its
+    # -log p(x) per dimension joins the ELBO task, so the prior and the LSTM are trained for the rollouts
+    # they are scored on, not only for one step from a filtered state. 0 disables (no extra cost).
+    overshoot_weight: float = 0.0
+    overshoot_context: int = 4
+
     # ----------------------------------------------------------------------------------------------
     # Loss weights (MODEL.md section 3); each is applied exactly once
     beta: float = 1.0                    # final KL weight after warm-up
@@ -230,6 +238,9 @@ class AIMEConfig:
         _check(self.policy in ("random", "ou", "sine"), "policy", self.policy, "'random', 'ou' or 'sine'")
         _check(self.max_components >= 1, "max_components", self.max_components, "at least 1")
         _check(self.free_nats >= 0, "free_nats", self.free_nats, "a number >= 0")
+        _check(self.overshoot_weight >= 0, "overshoot_weight", self.overshoot_weight, "a number >= 0")
+        _check(self.overshoot_context >= 1, "overshoot_context", self.overshoot_context,
+               "a positive number of filtered frames before the open-loop part")
         _check(self.lambda_slot_recon >= 0, "lambda_slot_recon", self.lambda_slot_recon, "a number >= 0")
         _check(self.kl_prior_scale >= 0 and self.kl_posterior_scale >= 0, "kl_prior_scale/kl_posterior_scale",
                (self.kl_prior_scale, self.kl_posterior_scale), "numbers >= 0")

@@ -52,6 +52,10 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--log-every": ("log_every", int, "append to metrics.jsonl every N optimiser steps"),
     "--eval-windows": ("eval_windows", int, "held-out windows used per evaluation"),
     "--beta": ("beta", float, "final KL weight after warm-up"),
+    "--overshoot-weight": ("overshoot_weight", float,
+                           "weight of the open-loop (overshooting) reconstruction of each window after "
+                           "--overshoot-context filtered frames; 0 disables"),
+    "--overshoot-context": ("overshoot_context", int, "filtered frames before the open-loop part of a window"),
     "--seed": ("seed", int, "random seed (data order, initialisation, sampling)"),
     "--max-steps": ("max_steps", int, "stop after this many optimiser steps"),
     "--warmup-steps": ("warmup_steps", int, "linear learning-rate warm-up steps before the cosine decay"),

@@ -35,6 +35,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -340,13 +341,16 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
 
     def _observe_loop(self, x: Tensor, actions: Tensor, is_first: Tensor | None,
                       generator: torch.Generator | None, perceiver_loss: bool,
-                      posterior_mean: bool = False) -> tuple[dict, RecurrentState, dict]:
+                      posterior_mean: bool = False, snapshot_at: int | None = None,
+                      ) -> tuple[dict, RecurrentState, dict]:
         """Batched encoders, then the causal loop over t. x [B, T, 3, S, S] in [-1, 1], actions [B, T, A].
         ``posterior_mean``: feed the posterior mean instead of a draw into the LSTM (deterministic filtering).
+        ``snapshot_at``: also return (extras["state_at"]) the state that step ``snapshot_at`` (0-based) starts
+        from, i.e. after x_1..x_{snapshot_at} were filtered: where an open-loop rollout from there begins.
 
         Returns (per-step stacks [B, T, ...]: h, z, z_mean, z_logvar, noise; the state after the last step,
         which carries z_T and A_T for the attention prior of step T+1; batched extras: perceiver outputs,
-        encoder maps, the attention posterior, is_first)."""
+        encoder maps, the attention posterior, is_first, state_at)."""
         b, t = x.shape[:2]
         frames = x.flatten(0, 1)
         feature, enc_maps = self.encoder(frames)
@@ -368,12 +372,15 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         noise = torch.randn((b, t, self.config.latent_dim), generator=generator, device=x.device, dtype=x.dtype)
         state = self.cell.initial_state(b)
         hs, zs, means, logvars = [], [], [], []
+        state_at = None
         # The recurrent core runs in float32 even under bf16 autocast (docs/MODEL_CHANGES.md section 14):
         # its matmuls are a few percent of the step, and bf16 recurrence cost ~1 dB past position 16.
         with recurrent_precision(x.device):
             feature, side, actions = feature.float(), side.float(), actions.float()
             for i in range(t):
                 state = self.cell.reset(state, None if is_first is None else is_first[:, i])
+                if i == snapshot_at:
+                    state_at = self._with_attention_at(state, att, i - 1)
                 mean, logvar = self.cell.posterior_step(state, feature[:, i], side[:, i])
                 z = mean if posterior_mean else mean + torch.exp(0.5 * logvar) * noise[:, i].to(mean.dtype)
                 hs.append(state.h)
@@ -385,7 +392,61 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
                    "z_logvar": torch.stack(logvars, 1), "noise": noise}
         if att is not None:
             state.map_prev, state.center_prev = att["map"][:, -1], att["center"][:, -1]
-        return stacked, state, {"perceiver": perc, "encoder_maps": enc_maps, "attention": att, "is_first": is_first}
+        return stacked, state, {"perceiver": perc, "encoder_maps": enc_maps, "attention": att, "is_first": is_first,
+                                "state_at": state_at}
+
+    @staticmethod
+    def _with_attention_at(state: RecurrentState, att: dict[str, Tensor] | None, i: int) -> RecurrentState:
+        """``state`` with A_{i} and its centre (the attention posterior of step i, [B, R, R] / [B, 2]) as the
+        previous map that the attention prior of the next step reads; unchanged without attention or i < 0."""
+        if att is None or i < 0:
+            return state
+        return replace(state, map_prev=att["map"][:, i], center_prev=att["center"][:, i])
+
+    def _rollout(self, state: RecurrentState, actions: Tensor, temperature: float,
+                 generator: torch.Generator | None, detach_attention_inputs: bool = False) -> dict[str, Tensor]:
+        """Open-loop latent rollout from ``state`` (the state of the first imagined step): for each of the
+        F = actions.shape[1] steps, z_t from the prior p(z_t | h_t) at ``temperature`` (0: the mean of the
+        most probable component, differentiable in the prior's means), the attention prior's map (the
+        previous map without attention), then h_{t+1} = LSTM([z_t; a_t], h_t). actions [B, F, A] float32.
+        ``detach_attention_inputs``: the attention prior reads h_t and z_{t-1} detached, as in training.
+        Returns latents [B, F, D], pi [B, F, K], hidden_states [B, F, H], attention_prior_maps [B, F, R, R].
+        The frames are not decoded here (the caller decodes all B*F steps at once)."""
+        keys = ("latents", "pi", "hidden_states", "attention_prior_maps")
+        out: dict[str, list[Tensor]] = {k: [] for k in keys}
+        attention = self.cell.attention
+        with recurrent_precision(actions.device):
+            for j in range(actions.shape[1]):
+                params = self.cell.prior(state.h)
+                z, pi = self.cell.prior.sample(params, temperature, generator)
+                if attention is None:
+                    prior_map = state.map_prev
+                else:
+                    read = (lambda v: v.detach()) if detach_attention_inputs else (lambda v: v)
+                    prior_map = attention.prior_step(state.map_prev, read(state.h), read(state.z_prev))["map"]
+                for key, value in zip(keys, (z, pi, state.h, prior_map)):
+                    out[key].append(value)
+                state = self.cell.advance(state, z, actions[:, j])
+                if attention is not None:
+                    state = replace(state, map_prev=prior_map, center_prev=center_of_mass(prior_map))
+        return {k: torch.stack(v, dim=1) for k, v in out.items()}
+
+    def _open_loop_nats(self, x: Tensor, actions: Tensor, extras: dict[str, Any], start: int) -> Tensor:
+        """The overshooting term: -log p(x_t | open-loop state) in nats per frame [B, T - start] for the
+        frames after ``start`` observed ones, imagined from extras["state_at"] at temperature 0 with the
+        true actions (as the evaluation imagines), gradients through the rollout, the prior's means, the
+        LSTM and the decoder into the filtered context. Frames at or after an episode start inside the
+        rollout (is_first) count 0."""
+        b, t = x.shape[:2]
+        roll = self._rollout(extras["state_at"], actions[:, start:].float(), 0.0, None,
+                             detach_attention_inputs=True)
+        dec_in = torch.cat([roll["latents"], roll["hidden_states"]], -1).flatten(0, 1).to(x.dtype)
+        params = self.decoder(dec_in, roll["attention_prior_maps"].flatten(0, 1).to(x.dtype)).float()
+        nats = -self.likelihood.log_prob(params, x[:, start:].flatten(0, 1)).view(b, t - start)
+        is_first = extras["is_first"]
+        if is_first is not None:
+            nats = nats * (is_first[:, start:].long().cumsum(1) == 0).to(nats.dtype)
+        return nats
 
     @staticmethod
     def _previous(seq: Tensor, first: Tensor, is_first: Tensor | None) -> Tensor:
@@ -441,11 +502,13 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         return out
 
     def _forward(self, obs: Any, actions: Any, is_first: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+                 generator: torch.Generator | None = None, snapshot_at: int | None = None,
+                 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         x = self._prepare_observations(obs)
         b, t = x.shape[:2]
         a = self._prepare_actions(actions, b, t)
-        steps, _, extras = self._observe_loop(x, a, is_first, generator, perceiver_loss=True)
+        steps, _, extras = self._observe_loop(x, a, is_first, generator, perceiver_loss=True,
+                                              snapshot_at=snapshot_at if snapshot_at and snapshot_at < t else None)
         terms = self._prior_terms(steps, extras, generator)
         # The decoder runs once over all B*T frames, on z_t, h_t and the attention PRIOR map.
         dec_in = torch.cat([steps["z"], steps["h"]], dim=-1).flatten(0, 1)
@@ -466,7 +529,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         for key, value in perc.items():
             if key != "context":
                 outputs[f"perceiver_{key}"] = value
-        extras["observations"] = x
+        extras["observations"], extras["actions"] = x, a
         return outputs, extras
 
     def reconstruction_nats(self, observations: Any, latents: Tensor, hidden_states: Tensor,
@@ -521,8 +584,11 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         beta = c.beta * float(beta)
         entropy_weight, lambda_recon, lambda_gram = c.entropy_weight, c.lambda_recon, c.lambda_gram
         lambda_att_dyn, lambda_div = c.lambda_att_dyn, c.lambda_div
-        outputs, extras = self._forward(observations, actions, is_first, generator)
+        start = c.overshoot_context
+        outputs, extras = self._forward(observations, actions, is_first, generator,
+                                        snapshot_at=start if c.overshoot_weight > 0 else None)
         x = extras["observations"]
+        overshoot = extras["state_at"] is not None   # windows longer than overshoot_context
         per_dim = lambda v: v.mean() / self.pixel_dims
         recon, kl_z = per_dim(outputs["recon_nats"]), per_dim(outputs["kl_z"])
         kl_sticks, kl_alpha = per_dim(outputs["kl_sticks"]), per_dim(outputs["kl_alpha"])
@@ -539,6 +605,11 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
                               + c.kl_posterior_scale * outputs["kl_rep"].clamp(min=free))
         total_vae = lambda_recon * recon + beta * (kl_balanced + kl_sticks + kl_alpha) - entropy_weight * entropy \
             + lambda_gram * gram
+        if overshoot:   # observation overshooting (docs/MODEL_CHANGES.md 16)
+            open_loop = per_dim(self._open_loop_nats(x, extras["actions"], extras, start))
+            total_vae = total_vae + c.overshoot_weight * open_loop
+        else:
+            open_loop = recon.new_zeros(())
 
         t = x.shape[1]
         zero = recon.new_zeros(())
@@ -574,7 +645,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
             "hierarchical_kl": kl_sticks + kl_alpha, "cluster_entropy": entropy, "attention_kl": att_kl,
             "attention_dynamics_loss": att_dyn, "attention_diversity": att_div,
             "attention_slot_recon": slot_recon, "attention_map_entropy": _map_entropy(outputs["attention_maps"]),
-            "gram_enc_loss": gram,
+            "gram_enc_loss": gram, "open_loop_recon": open_loop,
             "bits_per_dim": (recon + kl_z + kl_sticks + kl_alpha) / math.log(2.0),
             "K_eff": outputs["K_eff"].mean(), "active_components": outputs["active_components"].mean(),
             "adversarial_raw": adv.detach(), "fake_score": fake_score,
@@ -670,21 +741,10 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
             shape = tuple(future_actions.shape) if isinstance(future_actions, Tensor) else type(future_actions).__name__
             raise ValueError(f"future_actions must have shape [B={b}, F, A={self.action_dim}], got {shape}")
         a_fut = self._prepare_actions(future_actions, b, future_actions.shape[1], "future_actions")
-        keys = ("frames", "latents", "pi", "hidden_states", "attention_prior_maps")
         with self._inference():
             _, state, _ = self._observe_loop(x, a_ctx, None, generator, perceiver_loss=False,
                                              posterior_mean=temperature <= 0)
-            out: dict[str, list[Tensor]] = {k: [] for k in keys[1:]}
-            for j in range(a_fut.shape[1]):
-                params, att_prior = self.cell.prior_step(state)
-                z, pi = self.cell.prior.sample(params, temperature, generator)
-                prior_map = state.map_prev if att_prior is None else att_prior["map"]
-                for key, value in zip(keys[1:], (z, pi, state.h, prior_map)):
-                    out[key].append(value)
-                state = self.cell.advance(state, z, a_fut[:, j])
-                if att_prior is not None:
-                    state.map_prev, state.center_prev = prior_map, center_of_mass(prior_map)
-            result = {k: torch.stack(v, dim=1) for k, v in out.items()}
+            result = self._rollout(state, a_fut.float(), temperature, generator)
             # No imagined frame is fed back (the state alone carries the world), so the decoder runs once
             # over all B*F imagined steps after the latent rollout instead of once per step.
             dec_in = torch.cat([result["latents"], result["hidden_states"]], -1).flatten(0, 1)

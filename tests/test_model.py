@@ -427,3 +427,39 @@ def test_recurrent_core_runs_in_float32_under_bf16_autocast(model, monkeypatch):
     for key in ("lstm", "posterior", "prior"):
         assert seen[key] and not any(seen[key]), key
     assert outputs["hidden_states"].dtype == torch.float32 and torch.isfinite(losses["total_vae_loss"])
+
+
+def test_overshooting_imagines_the_rest_of_the_window_from_the_context_alone(monkeypatch):
+    """overshoot_weight > 0 adds the open-loop term (docs/MODEL_CHANGES.md 16): the frames after
+    overshoot_context are decoded from a prior rollout that never sees them (changing them changes only
+    the targets), its gradient reaches the prior's means and the LSTM, and weight 0 adds nothing."""
+    obs, actions = _batch(5, b=2, t=6)
+    plain = _model(3)
+    losses, _ = plain.compute_total_loss(obs, actions)
+    assert float(losses["open_loop_recon"]) == 0.0
+
+    model = _model(3, overshoot_weight=0.5, overshoot_context=3).eval()   # eval: the VQ codebook stays put
+    decoded: list[torch.Tensor] = []
+    real = model.likelihood.log_prob
+    monkeypatch.setattr(model.likelihood, "log_prob", lambda p, x: (decoded.append(p.detach().clone()), real(p, x))[1])
+
+    def run(frames):
+        decoded.clear()
+        out, _ = model.compute_total_loss(frames, actions, generator=torch.Generator().manual_seed(0))
+        return out, decoded[-1]            # the last decode is the open-loop one: [B * (T - 3), ...]
+
+    losses, open_params = run(obs)
+    assert open_params.shape[0] == 2 * 3 and float(losses["open_loop_recon"]) > 0
+    total = losses["total_vae_loss"]
+    without = total - 0.5 * losses["open_loop_recon"]
+    assert torch.isfinite(total) and float(total) > float(without)
+    changed = obs.clone()
+    changed[:, 3:] = 255 - changed[:, 3:]  # the frames it predicts, not the context
+    _, open_params_changed = run(changed)
+    torch.testing.assert_close(open_params, open_params_changed)
+
+    model.zero_grad()
+    losses["open_loop_recon"].backward()
+    for name, module in (("prior", model.cell.prior), ("lstm", model.cell.lstm), ("decoder", model.decoder)):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and any(bool(g.abs().sum() > 0) for g in grads), name
