@@ -54,7 +54,7 @@ class WarmupCosine:
     ``budget_fraction`` (in [0, 1], default 0; set by a trainer with a wall-clock budget through
     ``set_budget_fraction``): the fraction of that budget spent. After the warm-up the cosine's progress is
     the larger of the step fraction and this, so a run that stops on its budget before ``max_steps`` ends
-    at ``min_ratio`` too instead of part-way down the cosine (docs/MODEL_CHANGES.md 15).
+    at ``min_ratio`` too instead of part-way down the cosine (``AIMEConfig.lr_follows_budget``).
     """
 
     def __init__(self, warmup_steps: int, max_steps: int, min_ratio: float = 0.1) -> None:
