@@ -77,7 +77,7 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     # The pillars, as switches (--no-discriminator, ...): the ablations of benchmarks/quality.py
     "--discriminator": ("use_discriminator", bool,
                         "the temporal discriminator and the adversarial task; --no-discriminator removes both "
-                        "(walker-walk predicts better without it at the cpu budget: docs/RESULTS.md 2d)"),
+                        "(the cpu preset trains without it: docs/MODEL_CHANGES.md 16)"),
     "--perceiver": ("use_perceiver", bool, "the Perceiver context c_t and its task; --no-perceiver removes both"),
     "--attention": ("use_attention", bool, "the attention schema and its task; --no-attention removes both"),
 }

@@ -13,9 +13,10 @@ other seeds): the EMA weights, temperature 0. Results go to ``<out>/<config>/eva
 ``<out>/summary.json``, and a table is printed; ``--plot`` draws PSNR against the horizon for every
 configuration beside the baselines and an open-loop grid of each.
 
-The ladder (``LADDER``): ``full`` (the defaults of the preset), ``single_gaussian`` (K = 1),
-``sum`` (the plain sum of task gradients instead of RGB), ``no_perceiver``, ``no_attention`` and
-``no_discriminator``. ``--set key=value`` changes config fields of every configuration run (for one-off
+The ladder (``LADDER``): ``full`` (the preset with all four pillars on: the Perceiver, the attention
+schema and the temporal discriminator, which the cpu preset leaves out), ``preset`` (the preset exactly),
+``single_gaussian`` (K = 1), ``sum`` (the plain sum of task gradients instead of RGB), ``no_perceiver``,
+``no_attention`` and ``no_discriminator``. ``--set key=value`` changes config fields of every configuration run (for one-off
 experiments, named with ``--name``).
 """
 
@@ -37,13 +38,15 @@ from VRNN.aime_config import PRESETS, AIMEConfig, parse_overrides
 logger = logging.getLogger("quality")
 
 # configuration name -> config overrides (on top of the preset and --set)
+_PILLARS = {"use_perceiver": True, "use_attention": True, "use_discriminator": True}
 LADDER: dict[str, dict[str, Any]] = {
-    "full": {},
-    "single_gaussian": {"max_components": 1},
-    "sum": {"aggregator": "sum"},
-    "no_perceiver": {"use_perceiver": False},
-    "no_attention": {"use_attention": False},
-    "no_discriminator": {"use_discriminator": False},
+    "full": dict(_PILLARS),
+    "preset": {},
+    "single_gaussian": {**_PILLARS, "max_components": 1},
+    "sum": {**_PILLARS, "aggregator": "sum"},
+    "no_perceiver": {**_PILLARS, "use_perceiver": False},
+    "no_attention": {**_PILLARS, "use_attention": False},
+    "no_discriminator": {**_PILLARS, "use_discriminator": False},
 }
 SINE_TEST_DIR = "test_sine"
 
