@@ -22,8 +22,9 @@ Nothing here edits or depends on the model's internal names. Attribution works f
 * **backward** work is attributed to the forward part that created it: an autograd node's profiler event
   carries the ``sequence_nr`` of the forward op that built it. So "per-task gradients" is split by the
   part the gradient flows through, and the discriminator's own backward counts in "discriminator step".
-* **the per-time-step loop**: modules called at least T times in one forward are per-step modules; the loop
-  is the span from the first to the last of their calls. Its share = forward time in that span plus the
+* **the per-time-step loop**: modules called at least T times in one forward are per-step modules; a loop
+  is a run of their calls (a gap of more than 2 % of the step between two calls starts a new run, so the
+  batched decoder between the observation loop and the overshooting rollout is outside both). Its share = forward time in that span plus the
   backward of the nodes created in it, over the whole step (None for T < 4, where a module called two or
   three times per forward cannot be told from a per-step one).
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import math
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -82,6 +82,8 @@ PHASE_PREFIX = "aime.phase/"
 STEP_LABEL = "aime.step"
 BACKWARD_EVENT = "autograd::engine::evaluate_function:"
 MIN_LOOP_T = 4
+# Two per-step module calls further apart than this share of the step belong to different loops.
+LOOP_GAP_SHARE = 0.02
 
 
 def part_of_module(path: str) -> str:
@@ -528,11 +530,11 @@ def attribute(events: Any, seq_len: int, device: bool = False, top_ops: int = 12
     # discriminator on fake and real frames, the encoder and its EMA copy): no loop figure then.
     loop_measurable = seq_len >= MIN_LOOP_T
     per_step = [m for m, n in calls.items() if n >= seq_len] if loop_measurable else []
-    if per_step:
-        loop_lo = min(s for m in per_step for s, _ in spans[m])
-        loop_hi = max(t for m in per_step for _, t in spans[m])
-    else:
-        loop_lo = loop_hi = math.nan
+    # The loops: runs of per-step module calls. A gap of more than LOOP_GAP_SHARE of the step between two
+    # calls ends a run, so batched work between two loops (the observation loop, then the decoder, then the
+    # overshooting rollout) is not counted as in a loop.
+    loops = _runs(sorted(span for m in per_step for span in spans[m]), LOOP_GAP_SHARE * (hi - lo))
+    in_loop_at = lambda t: any(a <= t <= b for a, b in loops)
 
     # 2. forward ops' sequence numbers -> (part, phase, in the loop)
     made_by: dict[tuple[int, int], tuple[str, str | None, bool]] = {}
@@ -540,7 +542,7 @@ def attribute(events: Any, seq_len: int, device: bool = False, top_ops: int = 12
         seq = e.seq
         if node is not None or seq is None or seq < 0:
             continue
-        in_loop = loop_lo <= e.start <= loop_hi
+        in_loop = in_loop_at(e.start)
         made_by.setdefault((e.thread, seq), (_forward_part(module, phase, in_loop), phase, in_loop))
 
     by_seq = {seq: value for (_, seq), value in made_by.items()}
@@ -591,7 +593,7 @@ def attribute(events: Any, seq_len: int, device: bool = False, top_ops: int = 12
         elif phase == "task_gradients":  # the aggregator's own glue (building G [T, D], writing .grad)
             part = "aggregator"
         elif phase == "forward" or (phase is None and module is not None):
-            in_loop = loop_lo <= e.start <= loop_hi
+            in_loop = in_loop_at(e.start)
             part = _forward_part(module, phase, in_loop)
             forward_total += t
             if in_loop:
@@ -622,6 +624,18 @@ def attribute(events: Any, seq_len: int, device: bool = False, top_ops: int = 12
         "top_ops": [{"op": k, "share": v / total}
                     for k, v in sorted(op_time.items(), key=lambda kv: -kv[1])[:top_ops]],
     }
+
+
+def _runs(spans: list[tuple[float, float]], max_gap: float) -> list[tuple[float, float]]:
+    """Sorted (start, end) spans -> the runs they form, a new run wherever the next span starts more than
+    ``max_gap`` after the latest end so far."""
+    runs: list[tuple[float, float]] = []
+    for a, b in spans:
+        if runs and a - runs[-1][1] <= max_gap:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], b))
+        else:
+            runs.append((a, b))
+    return runs
 
 
 def _forward_part(module: str | None, phase: str | None, in_loop: bool) -> str:
