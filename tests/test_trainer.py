@@ -218,7 +218,7 @@ def test_learning_rate_follows_the_wall_clock_budget(tiny_dmc_data, tmp_path, fo
         assert spent > 0.5 and lr < 0.6 * peak
         assert trainer.disc_scheduler.lr_lambdas[0].budget_fraction == spent
         # the fraction is checkpointed: a resumed trainer goes on from it
-        again = make_trainer(tiny_dmc_data, tmp_path / "run", max_steps=10_000, warmup_steps=1)
+        again = make_trainer(tiny_dmc_data, tmp_path / "run", max_steps=10_000, warmup_steps=1, lr_follows_budget=True)
         again.load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
         assert again.scheduler.lr_lambdas[0].budget_fraction == pytest.approx(spent)
     else:
