@@ -390,8 +390,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
                 state = self.cell.advance(state, z, actions[:, i])
         stacked = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1), "z_mean": torch.stack(means, 1),
                    "z_logvar": torch.stack(logvars, 1), "noise": noise}
-        if att is not None:
-            state.map_prev, state.center_prev = att["map"][:, -1], att["center"][:, -1]
+        state = self._with_attention_at(state, att, t - 1)
         return stacked, state, {"perceiver": perc, "encoder_maps": enc_maps, "attention": att, "is_first": is_first,
                                 "state_at": state_at}
 
@@ -414,20 +413,15 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         The frames are not decoded here (the caller decodes all B*F steps at once)."""
         keys = ("latents", "pi", "hidden_states", "attention_prior_maps")
         out: dict[str, list[Tensor]] = {k: [] for k in keys}
-        attention = self.cell.attention
         with recurrent_precision(actions.device):
             for j in range(actions.shape[1]):
-                params = self.cell.prior(state.h)
+                params, att_prior = self.cell.prior_step(state, detach_attention_inputs)
                 z, pi = self.cell.prior.sample(params, temperature, generator)
-                if attention is None:
-                    prior_map = state.map_prev
-                else:
-                    read = (lambda v: v.detach()) if detach_attention_inputs else (lambda v: v)
-                    prior_map = attention.prior_step(state.map_prev, read(state.h), read(state.z_prev))["map"]
+                prior_map = state.map_prev if att_prior is None else att_prior["map"]
                 for key, value in zip(keys, (z, pi, state.h, prior_map)):
                     out[key].append(value)
                 state = self.cell.advance(state, z, actions[:, j])
-                if attention is not None:
+                if att_prior is not None:
                     state = replace(state, map_prev=prior_map, center_prev=center_of_mass(prior_map))
         return {k: torch.stack(v, dim=1) for k, v in out.items()}
 

@@ -118,11 +118,14 @@ class VRNNCell(nn.Module):
         out, lstm = self.lstm.step(torch.cat([z, action], dim=-1), state.lstm)
         return replace(state, h=out, lstm=lstm, z_prev=z)
 
-    def prior_step(self, state: RecurrentState) -> tuple[PriorParams, dict[str, Tensor] | None]:
+    def prior_step(self, state: RecurrentState, detach_attention_inputs: bool = False,
+                   ) -> tuple[PriorParams, dict[str, Tensor] | None]:
         """Everything step t predicts before seeing x_t, for one step (imagination): the DPGMM prior
-        p(z_t | h_t) and the attention prior p(A_t | A_{t-1}, h_t, z_{t-1}) (``None`` without attention)."""
+        p(z_t | h_t) and the attention prior p(A_t | A_{t-1}, h_t, z_{t-1}) (``None`` without attention).
+        ``detach_attention_inputs``: the attention prior reads h_t and z_{t-1} detached (as in training)."""
         params = self.prior(state.h)
         att_prior = None
         if self.attention is not None:
-            att_prior = self.attention.prior_step(state.map_prev, state.h, state.z_prev)
+            read = (lambda v: v.detach()) if detach_attention_inputs else (lambda v: v)
+            att_prior = self.attention.prior_step(state.map_prev, read(state.h), read(state.z_prev))
         return params, att_prior

@@ -24,9 +24,9 @@ Nothing here edits or depends on the model's internal names. Attribution works f
   part the gradient flows through, and the discriminator's own backward counts in "discriminator step".
 * **the per-time-step loop**: modules called at least T times in one forward are per-step modules; a loop
   is a run of their calls (a gap of more than 2 % of the step between two calls starts a new run, so the
-  batched decoder between the observation loop and the overshooting rollout is outside both). Its share = forward time in that span plus the
-  backward of the nodes created in it, over the whole step (None for T < 4, where a module called two or
-  three times per forward cannot be told from a per-step one).
+  batched decoder between the observation loop and the overshooting rollout is outside both). Its share =
+  forward time in those runs plus the backward of the nodes created in them, over the whole step (None for
+  T < 4, where a module called two or three times per forward cannot be told from a per-step one).
 
 Times are CPU self time on a CPU (every op's own time, so the parts add up to the profiled step) and
 device self time on CUDA (kernels; the rest of the step's wall time is reported as idle).
