@@ -20,7 +20,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from VRNN.aime_config import PRESETS, AIMEConfig
+from VRNN.aime_config import PRESETS, AIMEConfig, parse_overrides
 
 __all__ = [
     "RESUME_CHANGEABLE",
@@ -30,6 +30,7 @@ __all__ = [
     "default_data_dir",
     "explicit_config_flags",
     "given_flags",
+    "set_overrides",
 ]
 
 # Command-line flag -> AIMEConfig field. Flags not listed here are run options, not hyperparameters.
@@ -149,6 +150,10 @@ def build_parser(description: str, argv: Sequence[str] | None = None) -> argpars
                                 help=help_text)
         else:
             parser.add_argument(flag, dest=name, type=kind, default=getattr(base, name), help=help_text)
+    parser.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any AIMEConfig field by name (repeatable), e.g. --set residual_cell_max_side=0; values "
+                             "read as int, float or bool where they can. A field that has a flag of its own "
+                             "(--batch-size ...) is set with that flag; the run's config.json records the result")
     return parser
 
 
@@ -185,10 +190,27 @@ def add_training_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def set_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The fields of ``--set KEY=VALUE`` (``{}`` without any). ``ValueError`` names a malformed item, an
+    unknown field (with close matches) and a field that has a flag of its own (``--set batch_size=4``:
+    use ``--batch-size``), so that one field has one spelling on the command line and in run.json."""
+    overrides = parse_overrides(list(getattr(args, "set", None) or []))
+    own_flag = {name: flag for flag, (name, _, _) in CONFIG_FLAGS.items()}
+    own_flag.update(env="--env", amp="--amp/--no-amp")
+    taken = {key: own_flag[key] for key in overrides if key in own_flag}
+    if taken:
+        raise ValueError("--set " + ", ".join(f"{k} is invalid: that field has its own flag {f}"
+                                              for k, f in sorted(taken.items())))
+    return overrides
+
+
 def explicit_config_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, object]:
-    """The config fields whose command-line value differs from the preset default (set by the user)."""
-    return {name: getattr(args, name) for name, _, _ in CONFIG_FLAGS.values()
-            if getattr(args, name) != parser.get_default(name)}
+    """The config fields whose command-line value differs from the preset default (set by the user),
+    ``--set`` fields included."""
+    explicit = {name: getattr(args, name) for name, _, _ in CONFIG_FLAGS.values()
+                if getattr(args, name) != parser.get_default(name)}
+    explicit.update(set_overrides(args))
+    return explicit
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> dict[str, str]:
@@ -212,6 +234,7 @@ def config_from_args(args: argparse.Namespace, **extra: object) -> AIMEConfig:
     overrides["env"] = args.env
     if getattr(args, "amp", None) is not None:
         overrides["amp"] = bool(args.amp)
+    overrides.update(set_overrides(args))
     overrides.update(extra)
     return AIMEConfig.preset(args.preset, **overrides)
 

@@ -395,7 +395,7 @@ def _resume_state(args: argparse.Namespace, given: dict[str, str]) -> _Resume | 
     config.json (a new run). Only reads files. ``InputError`` lists every flag that differs from the
     run's own value and may not (``cli.RESUME_CHANGEABLE``); the launch options the flags do not give
     (data dir, budget, plot flags) are taken from run.json into ``args``."""
-    from VRNN.cli import CONFIG_FLAGS, RESUME_CHANGEABLE
+    from VRNN.cli import CONFIG_FLAGS, RESUME_CHANGEABLE, set_overrides
     from VRNN.training_checkpoints import find_resumable, require_training_state
     from VRNN.vrnn_utilities import CheckpointError
 
@@ -415,6 +415,11 @@ def _resume_state(args: argparse.Namespace, given: dict[str, str]) -> _Resume | 
     config_names = {name for name, _, _ in CONFIG_FLAGS.values()}
     differing, changes = [], {}
     for dest, flag in given.items():
+        if dest == "set":  # each --set field must equal the run's own value
+            for name, ours in set_overrides(args).items():
+                if ours != getattr(saved, name):
+                    differing.append(f"{name}: {source} {getattr(saved, name)!r}, this run {ours!r}")
+            continue
         if dest in config_names or dest == "amp":
             ours, theirs = getattr(args, dest), getattr(saved, dest)
         elif dest == "env":

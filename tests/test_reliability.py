@@ -161,12 +161,13 @@ def test_resume_reads_the_run_and_refuses_flags_that_differ(tiny_dmc_data, tmp_p
 
     caplog.clear()
     assert run_job(["--resume", "--run-dir", str(run_dir), "--max-steps", "5", "--latent-dim", "5", "--seed", "3",
-                    "--env", "walker-walk", "--preset", "cpu"], "test", report=False) == 2
+                    "--env", "walker-walk", "--preset", "cpu", "--set", "decoder_upsample=transposed"], "test", report=False) == 2
     errors = _errors(caplog)
     assert len(errors) == 1, errors
     for field in ("max_steps: checkpoint 2, this run 5", "latent_dim: checkpoint 4, this run 5",
                   "seed: checkpoint 0, this run 3", "env: checkpoint 'cheetah-run', this run 'walker-walk'",
-                  "preset: checkpoint 'smoke', this run 'cpu'", "--minutes", "--device"):
+                  "preset: checkpoint 'smoke', this run 'cpu'",
+                  "decoder_upsample: checkpoint 'nearest', this run 'transposed'", "--minutes", "--device"):
         assert field in errors[0], (field, errors[0])
     assert not (tmp_path / "data").exists(), "a dataset was collected for the other environment"
     assert (run_dir / "config.json").read_bytes() == config_before
@@ -175,7 +176,7 @@ def test_resume_reads_the_run_and_refuses_flags_that_differ(tiny_dmc_data, tmp_p
     # the allowed ones change this session (and are recorded); the same values as the run's are accepted
     caplog.clear()
     assert run_job(["--resume", "--run-dir", str(run_dir), "--log-every", "3", "--minutes", "5", "--max-steps", "2",
-                    "--preset", "smoke", "--device", "cpu"], "test", report=False) == 0
+                    "--preset", "smoke", "--device", "cpu", "--set", "free_nats=1.0"], "test", report=False) == 0
     assert json.loads((run_dir / "config.json").read_text())["log_every"] == 3
     assert json.loads((run_dir / "run.json").read_text())["minutes"] == 5
     assert "already reached max_steps=2" in caplog.text

@@ -85,6 +85,25 @@ def test_config_flags_reach_the_config():
     assert explicit_config_flags(parser, parser.parse_args(["--no-attention"])) == {"use_attention": False}
 
 
+def test_set_reaches_any_config_field_and_refuses_what_it_cannot():
+    from VRNN.cli import explicit_config_flags
+
+    parser = build_parser("x", ["--preset", "smoke"])
+    add_training_flags(parser)
+    args = parser.parse_args(["--preset", "smoke", "--set", "residual_cell_max_side=0",
+                              "--set", "decoder_upsample=transposed", "--set", "free_nats=0.5"])
+    config = config_from_args(args)
+    assert (config.residual_cell_max_side, config.decoder_upsample, config.free_nats) == (0, "transposed", 0.5)
+    assert explicit_config_flags(parser, args) == {"residual_cell_max_side": 0, "decoder_upsample": "transposed",
+                                                   "free_nats": 0.5}
+    for item, message in [("no_such_field=1", "unknown AIMEConfig field 'no_such_field'"),
+                          ("batch_size=3", "--set batch_size is invalid: that field has its own flag --batch-size"),
+                          ("free_nats", "expected KEY=VALUE, got 'free_nats'"),
+                          ("decoder_upsample=bilinear", "AIMEConfig.decoder_upsample='bilinear' is invalid")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config_from_args(parser.parse_args(["--preset", "smoke", "--set", item]))
+
+
 def test_explicit_flags_are_detected():
     from VRNN.cli import explicit_config_flags
 
