@@ -388,14 +388,16 @@ class AttentionSchema(nn.Module):
         return {"map": fused.reshape(b, r, r), "slot_maps": attn.reshape(b, s, r, r), "slot_features": slots,
                 "fusion_weights": weights, "center": center, "state": state}
 
-    def prior_step(self, prev_map: Tensor, h: Tensor, z_prev: Tensor) -> dict[str, Tensor]:
+    def prior_step(self, prev_map: Tensor, h: Tensor, z_prev: Tensor, motion: bool = True) -> dict[str, Tensor]:
         """Top-down prediction p(A_t | A_{t-1}, h_t, z_{t-1}).
 
         Args:
             prev_map: [B, R, R] A_{t-1} (``initial_map`` at t = 1).  h: [B, H] h_t.  z_prev: [B, D] z_{t-1}.
+            motion: also predict the motion of the centre of mass (the dynamics loss needs it; an open-loop
+                rollout does not, and skips the motion head).
         Returns dict:
-            logits [B, R*R], map [B, R, R] (softmax of logits), motion [B, 2] predicted (dx, dy) of the
-            centre of mass from A_{t-1} to A_t, prev_center [B, 2] the centre of mass of A_{t-1}.
+            logits [B, R*R], map [B, R, R] (softmax of logits), and with ``motion``: motion [B, 2] predicted
+            (dx, dy) of the centre of mass from A_{t-1} to A_t, prev_center [B, 2] the centre of mass of A_{t-1}.
         """
         r = self.resolution
         if prev_map.dim() != 3 or tuple(prev_map.shape[1:]) != (r, r):
@@ -411,6 +413,8 @@ class AttentionSchema(nn.Module):
         x = self.prior_in(image) * (1.0 + gamma[..., None, None]) + beta[..., None, None]
         x = self.prior_body(x)
         logits = self.prior_logits(x).reshape(b, r * r)
+        if not motion:
+            return {"logits": logits, "map": logits.softmax(dim=-1).reshape(b, r, r)}
         prev_center = center_of_mass(prev_map)
         motion = self.motion_head(torch.cat([x.mean(dim=(-2, -1)), cond, prev_center], dim=-1))
         motion = self.max_motion * torch.tanh(motion / self.max_motion)

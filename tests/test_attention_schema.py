@@ -142,6 +142,15 @@ def test_dynamics_target_is_detached():
     assert m.motion_head[0].weight.grad is not None and m.motion_head[0].weight.grad.abs().sum() > 0
 
 
+def test_prior_step_without_motion_gives_the_same_map():
+    m = make().eval()
+    _, h, _, z = inputs()
+    full, lean = m.prior_step(m.initial_map(2), h, z), m.prior_step(m.initial_map(2), h, z, motion=False)
+    assert set(lean) == {"logits", "map"}
+    torch.testing.assert_close(lean["logits"], full["logits"])
+    torch.testing.assert_close(lean["map"], full["map"])
+
+
 def test_gradient_paths():
     m = make()
     x, h, c, z = inputs()
