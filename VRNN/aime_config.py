@@ -353,8 +353,8 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # The sizes of the public keyword defaults; one GPU.
     "paper": {},
-    # Two CPU cores, visible progress within half an hour: 32 frames per step (about 0.5 s on two idle cores,
-    # benchmarks/run_all.py), so a 25-minute demo makes ~2700 steps. The 32 frames are 2 windows of 16, not 4
+    # Two CPU cores, visible progress within half an hour: 32 frames per step (about 0.33 s on two idle cores,
+    # benchmarks/run_all.py), so a 25-minute demo reaches max_steps = 4000 in about 23 minutes. The 32 frames are 2 windows of 16, not 4
     # of 8: the evaluation imagines up to position 20 (5 observed + 15), and a model trained on windows of 8
     # never ran its LSTM past position 8 (benchmarks/quality.py, cheetah-run, 10 min on one core each, same
     # 40 sine-policy test windows: open-loop PSNR at +8 / +15 24.66 / 24.35 dB for 2 x 16 against
@@ -363,7 +363,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_components=8, latent_dim=16, hidden_dim=128, context_dim=64, attention_dim=32,
         sequence_length=16, encoder_channels=16, decoder_channels=16, num_mixtures=5,
         img_perceiver_channels=16, num_latent_perceiver=16, num_latent_channels_perceiver=64,
-        num_codebook_perceiver=128, perceiver_code_dim=32, perceiver_num_heads=2, perceiver_recon_every=4,
+        num_codebook_perceiver=128, perceiver_code_dim=32, perceiver_num_heads=2,
         perceiver_elbo_gradient=False,
         perceiver_self_attn_layers=1, perceiver_temporal_layers=1, perceiver_max_seq_len=32,
         attention_resolution=16, num_slots=3, slot_dim=32, img_disc_layers=1, disc_num_heads=2,
@@ -377,6 +377,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 25.6 for the preset before (discriminator, no overshooting); with the discriminator kept the
         # overshooting demo made 20 % fewer steps and scored 28.2 / 26.7. --discriminator puts it back.
         overshoot_weight=0.5, use_discriminator=False,
+        # The cheaper parts of docs/MODEL_CHANGES.md 12, which lost long-horizon prediction without
+        # overshooting but not with it (MODEL_CHANGES 17): no residual cells and transposed-conv upsampling
+        # in the image model, the Perceiver and the attention on the encoder's maps, the RSSM posterior
+        # q(z_t | f_t, h_t), the tokenizer's reconstruction on 1 frame in 16. 0.6 of the step time; 25-minute
+        # cheetah-run demo: 4000 steps (max_steps, after 23.4 minutes) against 2839, recon 30.9 against 31.0 dB,
+        # +1..+8 28.5 against 28.4 dB, action shuffle 2.72 against 2.60 at +8.
+        residual_cell_max_side=0, decoder_upsample="transposed", perceiver_features="encoder",
+        attention_features="encoder", posterior_side_inputs=False, perceiver_recon_every=16,
         warmup_steps=100, beta_warmup_steps=300, adversarial_warmup_steps=500, max_steps=4000,
         train_episodes=20, eval_episodes=4, episode_length=200, log_every=10, eval_every=500,
         checkpoint_every=250, eval_windows=64, eval_context_frames=5, eval_horizon=15,
