@@ -246,10 +246,19 @@ def test_prior_learns_a_shift_and_its_motion(one_thread):
 def test_from_config(preset):
     from VRNN.aime_config import AIMEConfig
 
+    from VRNN.nvae import NVAEEncoder
+
     cfg = AIMEConfig.preset(preset)
-    m = AttentionSchema.from_config(cfg)
     r = cfg.attention_resolution
-    feats = m.encode_features(torch.zeros(1, 3, 64, 64))
+    if cfg.attention_features == "encoder":  # the cpu preset: 1x1 projections of the encoder's stage maps
+        encoder = NVAEEncoder.from_config(cfg)
+        with pytest.raises(ValueError, match="needs encoder_widths"):
+            AttentionSchema.from_config(cfg)
+        m = AttentionSchema.from_config(cfg, encoder_widths=encoder.map_widths)
+        feats = m.encode_encoder_maps(encoder(torch.zeros(1, 3, 64, 64))[1])
+    else:
+        m = AttentionSchema.from_config(cfg)
+        feats = m.encode_features(torch.zeros(1, 3, 64, 64))
     post = m.posterior_step(feats, torch.zeros(1, cfg.context_dim))
     assert post["slot_maps"].shape == (1, cfg.num_slots, r, r)
     assert post["state"].shape == (1, cfg.attention_dim)
