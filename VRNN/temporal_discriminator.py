@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from perceiver_io.encoder import attend
+
 __all__ = [
     "DISCRIMINATOR_LOSSES",
     "GENERATOR_LOSSES",
@@ -75,7 +77,7 @@ class _Attention(nn.Module):
     def forward(self, x: Tensor, causal: bool) -> Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = attend(q, k, v, causal)
         return self.out(y.transpose(1, 2).reshape(b, n, c))
 
 

@@ -29,6 +29,8 @@ __all__ = [
     "FrameEncoder",
     "LearnedPositionEncoding",
     "SelfAttentionBlock",
+    "attend",
+    "attend_math",
 ]
 
 
@@ -54,9 +56,33 @@ class Attention(nn.Module):
         q = self.to_q(x).view(n, q_len, heads, head_dim).transpose(1, 2)            # [N,h,Q,d]
         kv = self.to_kv(context).view(n, s_len, 2, heads, head_dim)                 # [N,S,2,h,d]
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                                  # 2 x [N,h,S,d]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)  # [N,h,Q,d]
+        y = attend(q, k, v, causal, self.dropout if self.training else 0.0)             # [N,h,Q,d]
         return self.proj(y.transpose(1, 2).reshape(n, q_len, dim))                  # [N,Q,E]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, dropout_p: float = 0.0) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v: q [N,h,Q,d], k and v [N,h,S,d] -> [N,h,Q,d]; ``causal`` (Q == S) masks
+    keys after the query's position; ``dropout_p`` drops attention weights.
+
+    ``F.scaled_dot_product_attention``, except for bf16 / fp16 on the CPU (the cpu preset's autocast), where
+    it is two matmuls and a float32 softmax: there PyTorch's CPU flash kernel took 2-5x as long for the
+    Perceiver's few-key, short-head shapes, forward plus backward; in float32 it is as fast or faster than
+    the matmuls (benchmarks/cpu_kernels.py)."""
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+    return attend_math(q, k, v, causal, dropout_p)
+
+
+def attend_math(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, dropout_p: float = 0.0) -> Tensor:
+    """``attend`` as two matmuls and a float32 softmax, on any device and dtype (shapes as ``attend``)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                         # [N,h,Q,S]
+    if causal:
+        blocked = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(blocked, float("-inf"))
+    weights = scores.float().softmax(dim=-1).to(v.dtype)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v
 
 
 class _MLP(nn.Sequential):

@@ -143,3 +143,42 @@ def test_gaussian_gradients_are_finite_at_the_edge_bins():
         assert bool(torch.isfinite(lp).all()) and bool(torch.isfinite(means.grad).all()), scale
         if scale <= 0.01:   # a sharp mean beyond the lowest level puts nearly all its mass in the lowest bin
             assert float(lp[0, 0, 0, 0]) > -1e-3
+
+
+def _reference_gaussian_log_mass(means: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """log of the Gaussian mass of each level's bin in float64: log(Phi(u) - Phi(l)) by log_ndtr and a
+    log-difference (edge bins to +-inf), for the fast path of DiscretizedGaussian to be checked against."""
+    m, v, s = means.double(), x.double(), scale.double().view(1, -1, 1, 1)
+    u, l = (v - m + 1 / 255) / s, (v - m - 1 / 255) / s
+    upper = torch.where(v > 0.999, torch.full_like(u, math.inf), u)
+    lower = torch.where(v < -0.999, torch.full_like(l, -math.inf), l)
+    # Phi(upper) - Phi(lower) = Phi(-lower) - Phi(-upper): take the side where both are small (tails).
+    flip = (upper + lower) > 0
+    a, b = torch.where(flip, -lower, upper), torch.where(flip, -upper, lower)
+    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    return log_a + torch.log1p(-torch.exp(log_b - log_a))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.02, 0.06, 0.3, 3.0])
+def test_gaussian_cpu_fast_path_matches_the_exact_mass(scale):
+    """On the CPU the bin masses come from erfc, with log_ndtr only on the bins more than six scales off the
+    mean: values and gradients equal a float64 log_ndtr reference over all levels, residuals from 0 to 40
+    scales (the tail path) and both edge bins."""
+    g = torch.Generator().manual_seed(0)
+    x = quantize(torch.rand(4, 3, 16, 32, generator=g) * 2 - 1)
+    x[:, :, 0] = -1.0
+    x[:, :, 1] = 1.0                                                    # rows of edge bins
+    offsets = scale * torch.linspace(-40, 40, 32).view(1, 1, 1, 32)      # residuals from 0 to 40 scales
+    means = (x + offsets).clamp(-1.3, 1.3).requires_grad_()
+    lik = DiscretizedGaussian()
+    with torch.no_grad():
+        lik.log_scale.fill_(math.log(scale))
+    lp = lik.channel_log_probs(means, x)
+    ref = _reference_gaussian_log_mass(means.detach(), x, lik.log_scale.exp().detach().expand(3))
+    assert bool(torch.isfinite(lp).all())
+    assert torch.allclose(lp.double(), ref, rtol=1e-4, atol=2e-5), float((lp.double() - ref).abs().max())
+    (grad,) = torch.autograd.grad(lp.sum(), means)
+    means64 = means.detach().double().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(
+        _reference_gaussian_log_mass(means64, x, lik.log_scale.exp().detach().expand(3)).sum(), means64)
+    assert torch.allclose(grad.double(), grad_ref, rtol=1e-3, atol=1e-3 / scale), float((grad - grad_ref).abs().max())

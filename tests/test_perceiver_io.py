@@ -363,3 +363,28 @@ def test_uint8_input_matches_scaled_float_and_generate_arguments_checked():
         model.generate(random_video(1, 2), 1, temperature=-1.0)
     with pytest.raises(ValueError, match="PerceiverIOConfig"):
         CausalPerceiverIO({"image_size": 64})
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_equals_scaled_dot_product_attention(causal):
+    """perceiver_io.encoder.attend_math (matmuls and a float32 softmax; what attend runs for bf16 on the CPU)
+    gives the values and gradients of F.scaled_dot_product_attention, causal or not, in float32 and bf16."""
+    import torch.nn.functional as F
+
+    from perceiver_io.encoder import attend, attend_math
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 8, generator=g, requires_grad=True) for _ in range(3))
+    if not causal:
+        k, v = (torch.randn(3, 2, 5, 8, generator=g, requires_grad=True) for _ in range(2))
+    ours = attend_math(q, k, v, causal)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert torch.equal(attend(q, k, v, causal), ref)          # float32: PyTorch's kernel itself
+    assert torch.allclose(ours, ref, atol=1e-5)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, grads_ref))
+    q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    low = attend(q16, k16, v16, causal)
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), ref, atol=0.05)
+    grads16 = torch.autograd.grad(low.float().square().sum(), (q16, k16, v16))
+    assert all(torch.allclose(a.float(), b, atol=0.1, rtol=0.05) for a, b in zip(grads16, grads_ref))
