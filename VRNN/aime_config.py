@@ -85,6 +85,7 @@ class AIMEConfig:
     perceiver_temporal_layers: int = 2
     perceiver_max_seq_len: int = 64      # longest sequence the causal temporal transformer accepts
     perceiver_recon_every: int = 1       # tokenizer reconstruction loss on every k-th frame (its decoder's cost)
+    perceiver_predict_every: int = 1     # Perceiver next-token loss from every k-th position (its decoder's cost)
     perceiver_downsample: int = 4        # tokenizer stride: 64x64 frames -> (64 / k)^2 tokens per frame
     # Whether the ELBO's gradient reaches the Perceiver through c_t (MODEL.md §2.1: yes). False: the
     # posterior reads c_t detached and the Perceiver learns from its own task alone, so its parameters are

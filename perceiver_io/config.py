@@ -34,7 +34,8 @@ _AIME_FIELDS = {
     "perceiver_max_seq_len": "max_seq_len",
 }
 # Read when present (newer fields; older configs without them take the PerceiverIOConfig default).
-_OPTIONAL_AIME_FIELDS = {"perceiver_recon_every": "recon_every", "perceiver_downsample": "downsample"}
+_OPTIONAL_AIME_FIELDS = {"perceiver_recon_every": "recon_every", "perceiver_downsample": "downsample",
+                         "perceiver_predict_every": "predict_every"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class PerceiverIOConfig:
     copy_prior: bool = True              # learned gain on the logit of x_t's own code at each cell
     copy_logit_init: float | None = None  # its initial value in nats; None: ln(num_codes), so that with
                                          # uniform head logits the copy guess starts at probability ~1/2
+    # The next-token cross-entropy from every k-th position of a window only (sources 0, k, 2k, ...): the
+    # decoder's 256 queries per frame are most of the Perceiver's FLOPs; the context still covers every frame.
+    predict_every: int = 1
     label_smoothing: float = 0.0         # of the next-token cross-entropy
     next_token_weight: float = 1.0       # weight of the next-token cross-entropy inside `total`
 
@@ -101,6 +105,7 @@ class PerceiverIOConfig:
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "a positive integer")
         _check(self.recon_every >= 1, "recon_every", self.recon_every, "a positive integer")
+        _check(self.predict_every >= 1, "predict_every", self.predict_every, "a positive integer")
         for name in ("num_res_blocks", "num_self_attn_layers", "num_temporal_layers", "feature_channels",
                      "feature_res_blocks"):
             value = getattr(self, name)
@@ -142,7 +147,7 @@ class PerceiverIOConfig:
         Reads ``image_size, img_perceiver_channels, perceiver_code_dim, num_codebook_perceiver,
         num_latent_perceiver, num_latent_channels_perceiver, context_dim, perceiver_num_heads,
         perceiver_self_attn_layers, perceiver_temporal_layers, perceiver_max_seq_len``, and when present
-        ``perceiver_recon_every, perceiver_downsample``; ``overrides``
+        ``perceiver_recon_every, perceiver_downsample, perceiver_predict_every``; ``overrides``
         (PerceiverIOConfig field names) win.
         """
         missing = [name for name in _AIME_FIELDS if not hasattr(aime_config, name)]

@@ -89,12 +89,14 @@ class CausalPerceiverIO(nn.Module):
         every = self.config.recon_every                                            # frames 0, k, 2k, ...
         recon = self.tokenizer.decode(enc["quantized"][::every])                    # [N/k,3,H,W]
         recon_loss = self.tokenizer.recon_loss(recon, frames[::every])
-        logits = self._decode_logits(enc, b, t, upto=t - 1)                          # [B,T-1,hw,K]
-        targets = enc["indices"].view(b, t, -1)[:, 1:]                              # [B,T-1,hw]
+        sources = slice(0, t - 1, self.config.predict_every)                          # positions 0, k, 2k, ...
+        logits = self._decode_logits(enc, b, t, sources)                            # [B,S,hw,K]
+        indices = enc["indices"].view(b, t, -1)
+        targets = indices[:, 1:][:, sources]                                        # [B,S,hw]: codes of x_{s+1}
         ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(),
                              label_smoothing=self.config.label_smoothing)
         accuracy = (logits.detach().argmax(-1) == targets).float().mean()
-        copy_accuracy = (enc["indices"].view(b, t, -1)[:, :-1] == targets).float().mean()
+        copy_accuracy = (indices[:, :-1][:, sources] == targets).float().mean()
         total = recon_loss + enc["commitment"] + self.config.next_token_weight * ce
         return {"context": enc["context"], "total": total, "recon": recon_loss,
                 "commitment": enc["commitment"], "next_token_ce": ce, "accuracy": accuracy,
@@ -122,7 +124,7 @@ class CausalPerceiverIO(nn.Module):
         b, t = video.shape[:2]
         enc = self._encode_frames(self._tokenizer_input(video.flatten(0, 1), features, b, t), b, t, update=False)
         side = self.config.tokens_per_side
-        return self._decode_logits(enc, b, t, upto=t), enc["indices"].view(b, t, side, side)
+        return self._decode_logits(enc, b, t, slice(0, t)), enc["indices"].view(b, t, side, side)
 
     @torch.no_grad()
     def encode_tokens(self, video: Tensor, features: Tensor | None = None) -> Tensor:
@@ -219,14 +221,15 @@ class CausalPerceiverIO(nn.Module):
         enc.update(latents=latents, tokens=tokens, context=self.temporal(e.view(b, t, -1)))
         return enc
 
-    def _decode_logits(self, enc: dict[str, Tensor], b: int, t: int, upto: int) -> Tensor:
-        """Logits for x_{s+1}, s = 1..upto -> [B,upto,hw,K], from c_s, the latents and tokens of x_s."""
-        context = enc["context"][:, :upto].flatten(0, 1)                           # [B*upto,C]
-        latents = enc["latents"].view(b, t, *enc["latents"].shape[1:])[:, :upto].flatten(0, 1)
-        tokens = enc["tokens"].view(b, t, *enc["tokens"].shape[1:])[:, :upto].flatten(0, 1)
-        indices = enc["indices"].view(b, t, -1)[:, :upto].flatten(0, 1)            # [B*upto,hw]
-        logits = self.decoder(context, latents, tokens, indices)                    # [B*upto,hw,K]
-        return logits.view(b, upto, *logits.shape[1:])
+    def _decode_logits(self, enc: dict[str, Tensor], b: int, t: int, sources: slice) -> Tensor:
+        """Logits for x_{s+1} from c_s, the latents and tokens of x_s, for the S positions s of ``sources``
+        (0-based, a slice of range(t)) -> [B,S,hw,K]."""
+        context = enc["context"][:, sources].flatten(0, 1)                         # [B*S,C]
+        latents = enc["latents"].view(b, t, *enc["latents"].shape[1:])[:, sources].flatten(0, 1)
+        tokens = enc["tokens"].view(b, t, *enc["tokens"].shape[1:])[:, sources].flatten(0, 1)
+        indices = enc["indices"].view(b, t, -1)[:, sources].flatten(0, 1)          # [B*S,hw]
+        logits = self.decoder(context, latents, tokens, indices)                    # [B*S,hw,K]
+        return logits.view(b, -1, *logits.shape[1:])
 
     def _prepare(self, video: Tensor, min_frames: int) -> Tensor:
         """Validate a video [B,T,3,H,W] and return it as float in [-1,1] on the model's device dtype."""

@@ -388,3 +388,27 @@ def test_cpu_attention_equals_scaled_dot_product_attention(causal):
     assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), ref, atol=0.05)
     grads16 = torch.autograd.grad(low.float().square().sum(), (q16, k16, v16))
     assert all(torch.allclose(a.float(), b, atol=0.1, rtol=0.05) for a, b in zip(grads16, grads_ref))
+
+
+def test_predict_every_scores_every_kth_position_only():
+    """predict_every=3: the next-token cross-entropy, accuracy and copy accuracy are those of positions 0, 3,
+    6, ... of the full decoder's logits (same weights), and the context is the same for every frame."""
+    import torch.nn.functional as F
+
+    full, sparse = tiny_model(), tiny_model(predict_every=3)
+    sparse.load_state_dict(full.state_dict())
+    full.eval()
+    sparse.eval()
+    video = torch.rand(2, 8, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        out, ref = sparse(video), full(video)
+        logits, indices = full.next_token_logits(video)
+    chosen = logits[:, 0:7:3]                                          # sources 0, 3, 6 of T - 1 = 7
+    targets = indices.flatten(2)[:, 1:8:3]
+    assert torch.allclose(out["next_token_ce"], F.cross_entropy(chosen.flatten(0, 2), targets.flatten()), atol=1e-6)
+    assert torch.allclose(out["accuracy"], (chosen.argmax(-1) == targets).float().mean())
+    assert torch.allclose(out["copy_accuracy"], (indices.flatten(2)[:, 0:7:3] == targets).float().mean())
+    assert torch.allclose(out["context"], ref["context"])
+    assert not torch.allclose(out["next_token_ce"], ref["next_token_ce"])
+    with pytest.raises(ValueError, match="predict_every"):
+        PerceiverIOConfig(predict_every=0)
