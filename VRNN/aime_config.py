@@ -354,14 +354,15 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # The sizes of the public keyword defaults; one GPU.
     "paper": {},
-    # Two CPU cores, visible progress within half an hour: 4 windows of 16 frames per step (about 0.5 s on two
-    # idle cores, benchmarks/run_all.py), so a 25-minute demo makes about 3000 steps. Windows of 16, not 8: the
+    # Two CPU cores, visible progress within half an hour: 8 windows of 16 frames per step (about 0.6 s on two
+    # idle cores, benchmarks/run_all.py), so a 25-minute demo makes about 2200 steps. Windows of 16, not 8: the
     # evaluation imagines up to position 20 (5 observed + 15), and a model trained on windows of 8 never ran its
     # LSTM past position 8 (benchmarks/quality.py, cheetah-run, 10 min on one core each, same 40 sine-policy
     # test windows: open-loop PSNR at +8 / +15 24.66 / 24.35 dB for 2 x 16 against 23.94 / 24.00 for 4 x 8,
-    # mean training frame 24.01 / 24.11; docs/MODEL_CHANGES.md 9). 4 windows, not 2, since the cheaper parts
-    # below made the step cheap enough (25-minute demos, MODEL_CHANGES 17: cheetah-run 28.6 against 28.5 dB over
-    # +1..+8, walker-walk 20.2 against 20.2 dB and action shuffle at +8 1.21 against 1.13; 1.34x the frames/s).
+    # mean training frame 24.01 / 24.11; docs/MODEL_CHANGES.md 9). More windows than 2 since the cheaper parts
+    # below made the step cheap enough (25-minute demos, MODEL_CHANGES 17: at 4 windows cheetah-run 28.6 against
+    # 28.5 dB over +1..+8, walker-walk 20.2 against 20.2 dB and action shuffle at +8 1.21 against 1.13); 8 since
+    # MODEL_CHANGES 18 (below).
     "cpu": dict(
         max_components=8, latent_dim=16, hidden_dim=128, context_dim=64, attention_dim=32,
         sequence_length=16, encoder_channels=16, decoder_channels=16, num_mixtures=5,
@@ -370,7 +371,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         perceiver_elbo_gradient=False,
         perceiver_self_attn_layers=1, perceiver_temporal_layers=1, perceiver_max_seq_len=32,
         attention_resolution=16, num_slots=3, slot_dim=32, img_disc_layers=1, disc_num_heads=2,
-        disc_channels=16, kl_samples=4, alpha_samples=2, batch_size=4, learning_rate=5e-4,
+        disc_channels=16, kl_samples=4, alpha_samples=2, batch_size=8, learning_rate=5e-4,
         # bf16 autocast and no Gram anchoring (its EMA-encoder pass): 23 % more steps in the same minutes and
         # the same open-loop PSNR (benchmarks/quality.py, cheetah-run, 10 min on one core each: 863 vs 702
         # steps, +1..+8 25.85 vs 25.79 dB, recon 28.3 vs 27.5 dB; docs/MODEL_CHANGES.md section 11).
@@ -388,6 +389,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 31.0 dB, +1..+8 28.5 against 28.4 dB, action shuffle 2.72 against 2.60 at +8.
         residual_cell_max_side=0, decoder_upsample="transposed", perceiver_features="encoder",
         attention_features="encoder", posterior_side_inputs=False, perceiver_recon_every=16,
+        # 8 windows per step (4 until MODEL_CHANGES 18) and the Perceiver's next-token loss from every 4th
+        # position: 25-minute cheetah-run demo 2221 steps of 8 x 16 against 2969 of 4 x 16, +1..+8 28.76
+        # against 28.60 dB, +15 27.0 against 26.8, recon 31.3 against 31.2 (docs/MODEL_CHANGES.md 18).
+        perceiver_predict_every=4,
         warmup_steps=100, beta_warmup_steps=300, adversarial_warmup_steps=500, max_steps=4000,
         train_episodes=20, eval_episodes=4, episode_length=200, log_every=10, eval_every=500,
         checkpoint_every=250, eval_windows=64, eval_context_frames=5, eval_horizon=15,
