@@ -80,6 +80,8 @@ class CausalPerceiverIO(nn.Module):
         tokens whose argmax code is right, no grad), ``copy_accuracy`` (the same for the guess "frame t+1
         has frame t's codes", the baseline ``accuracy`` must beat), ``codebook_perplexity`` (exp entropy of
         this batch's code usage, no grad)); all but ``context`` are scalars. Updates the codebook when training.
+        The next-token terms cover source positions 0, k, 2k, ... < T - 1 (k = ``predict_every``; 1: all;
+        docs/MODEL_CHANGES.md 18), the reconstruction frames 0, r, 2r, ... (r = ``recon_every``).
         """
         video = self._prepare(video, min_frames=2)
         b, t = video.shape[:2]
