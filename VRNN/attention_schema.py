@@ -47,6 +47,7 @@ Notes for callers
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -77,10 +78,17 @@ def center_of_mass(attention_map: Tensor) -> Tensor:
     if attention_map.dim() != 3 or attention_map.shape[-1] != attention_map.shape[-2]:
         raise ValueError(f"center_of_mass expects a map [B, R, R], got shape {tuple(attention_map.shape)}")
     b, r, _ = attention_map.shape
-    flat = attention_map.reshape(b, r * r)
-    flat = flat / flat.sum(-1, keepdim=True).clamp_min(1e-12)
-    grid = coordinate_grid(r, device=flat.device, dtype=flat.dtype)
-    return flat @ grid
+    mass = attention_map.sum((-2, -1)).clamp_min(1e-12).unsqueeze(-1)                 # [B, 1]
+    # The marginals over rows and columns against the cell centres: the grid of coordinate_grid, without
+    # building an [R*R, 2] grid on every call (once per imagined step).
+    marginals = torch.stack([attention_map.sum(-2), attention_map.sum(-1)], dim=1)      # [B, 2, R]: x, y
+    return (marginals @ _cell_centres(r, attention_map.device, attention_map.dtype)) / mass
+
+
+@functools.lru_cache(maxsize=16)
+def _cell_centres(resolution: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The cell-centre coordinates of one axis of an R x R grid in [-1, 1]: [R] (read-only, cached)."""
+    return (2.0 * torch.arange(resolution, device=device, dtype=dtype) + 1.0) / resolution - 1.0
 
 
 _UPSAMPLE_MODES = ("density", "distribution")

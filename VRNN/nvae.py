@@ -140,8 +140,23 @@ class _AttentionFiLM(nn.Module):
         m = att if att.shape[-1] == r else (
             F.adaptive_avg_pool2d(att, r) if att.shape[-1] > r
             else F.interpolate(att, size=(r, r), mode="bilinear", align_corners=False))
-        gamma, beta = self.conv(m).chunk(2, dim=1)
+        if m.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            film = _one_channel_conv3x3(m, self.conv.weight, self.conv.bias)
+        else:
+            film = self.conv(m)
+        gamma, beta = film.chunk(2, dim=1)
         return h * (1.0 + gamma) + beta
+
+
+def _one_channel_conv3x3(m: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``F.conv2d(m, weight, bias, padding=1)`` for one input channel as an im2col matmul: m [N, 1, r, r],
+    weight [C, 1, 3, 3], bias [C] -> [N, C, r, r] (channels-last strides). In float32 on the CPU, oneDNN's
+    kernel for a single input channel took 4-5x as long (imagination and evaluation decode through it;
+    training under bf16 autocast keeps the convolution, which is faster there)."""
+    n, _, r, _ = m.shape
+    cols = F.unfold(m, 3, padding=1).transpose(1, 2)                                   # [N, r*r, 9]
+    out = torch.addmm(bias, cols.reshape(n * r * r, 9), weight.reshape(weight.shape[0], 9).t())
+    return out.view(n, r, r, -1).permute(0, 3, 1, 2)
 
 
 class NVAEDecoder(nn.Module):

@@ -463,3 +463,21 @@ def test_overshooting_imagines_the_rest_of_the_window_from_the_context_alone(mon
     for name, module in (("prior", model.cell.prior), ("lstm", model.cell.lstm), ("decoder", model.decoder)):
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         assert grads and any(bool(g.abs().sum() > 0) for g in grads), name
+
+
+def test_decoder_inference_path_equals_the_training_path():
+    """Without gradients on the CPU in float32, the decoder's one-channel FiLM convolutions run as an im2col
+    matmul (nvae._one_channel_conv3x3); the output equals the convolution path's (with gradients), and the
+    matmul equals F.conv2d on its own, for a peaked attention map."""
+    import torch.nn.functional as F
+
+    from VRNN.nvae import NVAEDecoder, _one_channel_conv3x3
+    torch.manual_seed(0)
+    dec = NVAEDecoder(20, 3, channels=4, image_size=32, use_se=False, upsample="transposed")
+    x = torch.randn(3, 20)
+    att = torch.softmax(torch.randn(3, 8 * 8) * 3, -1).view(3, 8, 8)
+    with torch.no_grad():
+        fast = dec(x, att)
+    assert torch.allclose(fast, dec(x, att).detach(), atol=1e-5)
+    m, w, b = torch.rand(2, 1, 16, 16), torch.randn(6, 1, 3, 3), torch.randn(6)
+    assert torch.allclose(_one_channel_conv3x3(m, w, b), F.conv2d(m, w, b, padding=1), atol=1e-6)
