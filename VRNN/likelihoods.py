@@ -35,6 +35,7 @@ _HALF_BIN = 1.0 / 255.0          # half the bin width 2/255
 _LOG_BIN = math.log(2.0 / 255.0)  # log bin width, for the density fallback
 _EDGE = 0.999                     # x below -_EDGE is the lowest level, above +_EDGE the highest
 _SQRT_HALF = math.sqrt(0.5)
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _TAIL = 6.0                       # DiscretizedGaussian: bins whose near side lies beyond 6 scales take log_ndtr
 
 
@@ -55,6 +56,64 @@ def _exact_log_mass(hi: Tensor, lo: Tensor, hi_only: Tensor, lo_only: Tensor) ->
     log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
     interior = log_hi + _log1mexp(log_lo - log_hi)
     return torch.where(hi_only, log_hi, torch.where(lo_only, _log1mexp(log_lo), interior))
+
+
+def _reflected_bins(upper: Tensor, lower: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A Gaussian bin [lower, upper] in standard units (any shape, x the levels [-1, 1] of the same shape)
+    reflected to the lower tail: (hi, lo, hi_only, lo_only), hi >= lo and hi + lo <= 0, where log p is
+    log(Phi(hi) - Phi(lo)), or log Phi(hi) where ``hi_only`` and log(1 - Phi(lo)) where ``lo_only`` (edge
+    bins: the lowest level needs Phi(upper), which is Phi(hi) unflipped and 1 - Phi(lo) flipped; the highest
+    needs Phi(-lower), Phi(hi) flipped and 1 - Phi(lo) unflipped)."""
+    flip = (lower + upper) > 0
+    hi = torch.where(flip, -lower, upper)
+    lo = torch.where(flip, -upper, lower)
+    low_edge, high_edge = x < -_EDGE, x > _EDGE
+    hi_only = (low_edge & ~flip) | (high_edge & flip)
+    lo_only = (low_edge | high_edge) & ~hi_only
+    return hi, lo, hi_only, lo_only
+
+
+class _GaussianBinLogMass(torch.autograd.Function):
+    """log p(x) of DiscretizedGaussian on the CPU, with a hand-written backward.
+
+    Forward: the bin masses from erfc (ten times cheaper than log_ndtr on the CPU, and exact to float
+    precision while Phi(hi) is not tiny: after the reflection hi is the bin's far side from the tail); only
+    the rare bins with hi < -_TAIL (more than 6 scales off the mean) take log_ndtr, on those elements alone.
+    Backward: d log P / d mu = -(phi(u) - phi(l)) / (s P) and d log P / d log s = -(u phi(u) - l phi(l)) / P,
+    with phi(v) / P = exp(log phi(v) - log P) (stable in the tails, where log P is exact); phi(u) = 0 at the
+    highest level (u = +inf) and phi(l) = 0 at the lowest. Autograd through the forward's dozen elementwise
+    passes over [N, 3, H, W] had cost as much again as the forward (benchmarks/cpu_kernels.py).
+    Inputs: params and x [N, 3, H, W], log_s [1, 3, 1, 1]; output [N, 3, H, W] nats."""
+
+    @staticmethod
+    def forward(ctx, params: Tensor, x: Tensor, log_s: Tensor) -> Tensor:
+        inv_s = torch.exp(-log_s)
+        upper = (x - params + _HALF_BIN) * inv_s
+        lower = (x - params - _HALF_BIN) * inv_s
+        hi, lo, hi_only, lo_only = _reflected_bins(upper, lower, x)
+        e_hi = torch.erfc(hi * -_SQRT_HALF)
+        e_lo = torch.erfc(lo * -_SQRT_HALF)
+        mass = 0.5 * (torch.where(lo_only, 2.0, e_hi) - torch.where(hi_only, 0.0, e_lo))
+        out = torch.log(mass.clamp_min(1e-30))
+        index = ((hi < -_TAIL) & ~lo_only).flatten().nonzero().squeeze(1)
+        if index.numel():
+            far = _exact_log_mass(*(v.flatten()[index] for v in (hi, lo, hi_only, lo_only)))
+            out = out.flatten().index_put((index,), far).view_as(out)
+        ctx.save_for_backward(upper, lower, out, x, inv_s)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        upper, lower, out, x, inv_s = ctx.saved_tensors
+        # phi(v) / P for both ends of the bin; 0 for the infinite end of an edge bin.
+        ratio_u = torch.exp(-0.5 * upper.square() - _LOG_SQRT_2PI - out).masked_fill_(x > _EDGE, 0.0)
+        ratio_l = torch.exp(-0.5 * lower.square() - _LOG_SQRT_2PI - out).masked_fill_(x < -_EDGE, 0.0)
+        grad_mu = grad * inv_s * (ratio_l - ratio_u)
+        grad_log_s = None
+        if ctx.needs_input_grad[2]:
+            grad_log_s = (grad * (lower * ratio_l - upper * ratio_u)).sum((0, 2, 3), keepdim=True)
+        grad_x = -grad_mu if ctx.needs_input_grad[1] else None
+        return (grad_mu if ctx.needs_input_grad[0] else None), grad_x, grad_log_s
 
 
 class DiscretizedLogisticMixture(nn.Module):
@@ -179,34 +238,12 @@ class DiscretizedGaussian(nn.Module):
         two agree to float32 precision (tests/test_likelihoods.py)."""
         self._check(params)
         log_s = self.log_scale.clamp(min=-7.0).view(1, -1, 1, 1)
+        if not exact and x.device.type == "cpu":
+            return _GaussianBinLogMass.apply(params, x, log_s)
         inv_s = torch.exp(-log_s)
         upper = inv_s * (x - params + _HALF_BIN)
         lower = inv_s * (x - params - _HALF_BIN)
-        # log(Phi(upper) - Phi(lower)), reflected to the lower tail where both are large (accuracy).
-        flip = (lower + upper) > 0
-        hi = torch.where(flip, -lower, upper)
-        lo = torch.where(flip, -upper, lower)
-        low_edge, high_edge = x < -_EDGE, x > _EDGE
-        # Edge bins: the lowest level needs Phi(upper), which is Phi(hi) unflipped and 1 - Phi(lo) flipped;
-        # the highest needs Phi(-lower), Phi(hi) flipped and 1 - Phi(lo) unflipped.
-        hi_only = (low_edge & ~flip) | (high_edge & flip)
-        lo_only = (low_edge | high_edge) & ~hi_only
-        if exact or x.device.type != "cpu":
-            return _exact_log_mass(hi, lo, hi_only, lo_only)
-        # On the CPU, log_ndtr costs ten times erfc and was 8 % of the training step: Phi(v) = erfc(-v/sqrt 2)
-        # / 2 is exact to float precision while Phi(hi) is not tiny (after the reflection hi is the bin's far
-        # side from the tail), so only the rare bins with hi < -_TAIL (more than 6 scales off the mean) take
-        # the log_ndtr path, on those elements alone (benchmarks/cpu_kernels.py).
-        e_hi = torch.erfc(hi * -_SQRT_HALF)
-        e_lo = torch.erfc(lo * -_SQRT_HALF)
-        mass = 0.5 * (torch.where(lo_only, 2.0, e_hi) - torch.where(hi_only, 0.0, e_lo))
-        out = torch.log(mass.clamp_min(1e-30))
-        tail = (hi < -_TAIL) & ~lo_only
-        index = tail.flatten().nonzero().squeeze(1)
-        if index.numel():
-            far = _exact_log_mass(*(v.flatten()[index] for v in (hi, lo, hi_only, lo_only)))
-            out = out.flatten().index_put((index,), far).view_as(out)
-        return out
+        return _exact_log_mass(*_reflected_bins(upper, lower, x))
 
     def log_prob_pixels(self, params: Tensor, x: Tensor) -> Tensor:
         """params [N, 3, H, W] (means), x [N, 3, H, W] in [-1, 1] -> [N, H, W] nats (channels independent)."""
