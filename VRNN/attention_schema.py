@@ -416,9 +416,6 @@ class AttentionSchema(nn.Module):
         # R*R*A: the uniform map becomes all ones, whatever R is.
         image = torch.cat([prev_map.unsqueeze(1) * self.num_positions,
                            self.grid_image.expand(b, -1, -1, -1)], dim=1)
-        # Channels-last maps: at batch 1 PyTorch runs a contiguous 3x3 convolution of this size on its slow
-        # im2col path and a channels-last one on oneDNN (2-4x faster; what an imagined step mostly costs).
-        image = image.contiguous(memory_format=torch.channels_last)
         cond = torch.cat([h, z_prev], dim=-1)
         gamma, beta = self.prior_film(cond).chunk(2, dim=-1)
         x = self.prior_in(image) * (1.0 + gamma[..., None, None]) + beta[..., None, None]
