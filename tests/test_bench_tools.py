@@ -85,3 +85,14 @@ def test_quality_waits_for_another_ladder_that_is_writing_the_data():
 
     with pytest.raises(DataFileError, match="damaged"):
         q._waiting_for_other_writers(broken, wait_s=5.0, poll_s=0.01)
+
+
+def test_cpu_kernels_pairs_each_kernel_with_pytorchs(one_thread, tmp_path, capsys):
+    ck = _load("cpu_kernels")
+    ck.main(["--repeats", "1", "--json", str(tmp_path / "k.json")])
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert len(rows) == 2 + 2 * len(ck.ATTENTION_SHAPES)
+    assert all(r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] == r["ours_ms"] / r["torch_ms"] for r in rows)
+    assert "Gaussian likelihood, 64 frames" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ck.main(["--repeats", "0"])
