@@ -64,8 +64,7 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 def coordinate_grid(resolution: int, device=None, dtype=None) -> Tensor:
     """Cell-centre coordinates of an R x R grid in [-1, 1]: [R*R, 2] as (x, y), row-major positions."""
-    r = torch.arange(resolution, device=device, dtype=dtype if dtype is not None else torch.float32)
-    centres = (2.0 * r + 1.0) / resolution - 1.0
+    centres = _cell_centres(resolution, device, dtype if dtype is not None else torch.float32)
     yy, xx = torch.meshgrid(centres, centres, indexing="ij")
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)
 

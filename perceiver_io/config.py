@@ -100,12 +100,11 @@ class PerceiverIOConfig:
     def __post_init__(self) -> None:
         positive = ("image_size", "in_channels", "downsample", "tokenizer_channels", "code_dim", "num_codes",
                     "num_latents", "latent_channels", "num_heads", "context_dim", "max_seq_len",
-                    "fourier_bands", "mlp_ratio", "num_decoder_layers", "query_kernel_size")
+                    "fourier_bands", "mlp_ratio", "num_decoder_layers", "query_kernel_size", "predict_every")
         for name in positive:
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "a positive integer")
         _check(self.recon_every >= 1, "recon_every", self.recon_every, "a positive integer")
-        _check(self.predict_every >= 1, "predict_every", self.predict_every, "a positive integer")
         for name in ("num_res_blocks", "num_self_attn_layers", "num_temporal_layers", "feature_channels",
                      "feature_res_blocks"):
             value = getattr(self, name)
