@@ -188,11 +188,15 @@ class EncoderMapFeatures(nn.Module):
         r = self.resolution
         fused = 0.0
         for m, lateral in zip(maps, self.laterals):
-            y = lateral(m)
-            if y.shape[-1] > r:
-                y = F.adaptive_avg_pool2d(y, r)
-            elif y.shape[-1] < r:
-                y = F.interpolate(y, size=(r, r), mode="nearest")
+            # A 1x1 convolution commutes with area pooling, so a larger map is pooled first: the same
+            # features for a quarter of the convolution's work, and no pooling backward when the map is
+            # detached. A smaller map is projected first (fewer positions) and then repeated.
+            if m.shape[-1] > r:
+                y = lateral(F.adaptive_avg_pool2d(m, r))
+            else:
+                y = lateral(m)
+                if y.shape[-1] < r:
+                    y = F.interpolate(y, size=(r, r), mode="nearest")
             fused = fused + y
         feats = fused.flatten(2).transpose(1, 2) + self.position(self.position_code)
         return self.mlp(self.norm(feats))

@@ -69,16 +69,19 @@ def measure(preset: str, variants: dict[str, dict[str, Any]], repeats: int, devi
             t0 = time.perf_counter()
             h.step()                      # synchronises the device itself
             times[name].append(time.perf_counter() - t0)
-    frames = base.batch_size * base.sequence_length
     rows = {}
-    reference = None
+    reference = reference_fps = None
     for name, h in harnesses.items():
+        # A variant may change B or T: its own frames per step count.
+        frames = h.config.batch_size * h.config.sequence_length
         median = statistics.median(times[name])
         reference = reference or median
+        reference_fps = reference_fps or frames / median
         flops, _ = h.count_flops()
         params = sum(p.numel() for p in h.trainer.model.parameters())
-        rows[name] = {"overrides": variants[name], "step_s": times[name], "step_s_median": median,
-                      "fps": frames / median, "ratio_to_first": median / reference,
+        rows[name] = {"overrides": variants[name], "frames_per_step": frames, "step_s": times[name],
+                      "step_s_median": median, "fps": frames / median, "ratio_to_first": median / reference,
+                      "fps_ratio_to_first": frames / median / reference_fps,
                       "gflop_per_frame": flops / frames / 1e9, "parameters_m": params / 1e6}
     return {"preset": preset, "batch": base.batch_size, "seq": base.sequence_length, "repeats": repeats,
             "threads": torch.get_num_threads(), "device": str(device), "variants": rows}
@@ -119,10 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(args.preset, variants, args.repeats, torch.device(args.device), args.batch, args.seq)
     print(f"{args.preset} preset, B={result['batch']}, T={result['seq']}, {result['threads']} threads, "
           f"{args.repeats} interleaved steps per variant")
-    print(f"{'variant':12s} {'s/step':>8s} {'frames/s':>9s} {'ratio':>6s} {'GFLOP/frame':>12s} {'params (M)':>10s}  overrides")
+    print(f"{'variant':12s} {'frames':>6s} {'s/step':>8s} {'ratio':>6s} {'frames/s':>9s} {'ratio':>6s} "
+          f"{'GFLOP/frame':>12s} {'params (M)':>10s}  overrides")
     for name, row in result["variants"].items():
-        print(f"{name:12s} {row['step_s_median']:8.3f} {row['fps']:9.1f} {row['ratio_to_first']:6.2f} "
-              f"{row['gflop_per_frame']:12.3f} {row['parameters_m']:10.3f}  {row['overrides']}")
+        print(f"{name:12s} {row['frames_per_step']:6d} {row['step_s_median']:8.3f} {row['ratio_to_first']:6.2f} "
+              f"{row['fps']:9.1f} {row['fps_ratio_to_first']:6.2f} {row['gflop_per_frame']:12.3f} "
+              f"{row['parameters_m']:10.3f}  {row['overrides']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

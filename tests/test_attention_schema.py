@@ -65,6 +65,23 @@ def test_encoder_map_features_replace_the_pyramid():
         make().encode_encoder_maps(maps)
 
 
+def test_encoder_map_features_pool_before_projecting_equals_projecting_first():
+    """The larger maps are area-pooled before their 1x1 projection (cheaper); the features equal those of
+    projecting every map first and then resizing it (pool down, nearest up)."""
+    torch.manual_seed(0)
+    m = AttentionSchema(H, C, D, A, resolution=8, num_slots=3, slot_dim=8, iterations=2, encoder_widths=(4, 6, 6))
+    maps = [torch.randn(2, 4, 32, 32), torch.randn(2, 6, 8, 8), torch.randn(2, 6, 4, 4)]
+    f = m.features
+    fused = 0.0
+    for x, lateral in zip(maps, f.laterals):
+        y = lateral(x)
+        y = (torch.nn.functional.adaptive_avg_pool2d(y, 8) if y.shape[-1] > 8
+             else torch.nn.functional.interpolate(y, size=(8, 8), mode="nearest"))
+        fused = fused + y
+    reference = f.mlp(f.norm(fused.flatten(2).transpose(1, 2) + f.position(f.position_code)))
+    torch.testing.assert_close(m.encode_encoder_maps(maps), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_posterior_is_deterministic():
     m = make()
     x, h, c, _ = inputs()

@@ -31,10 +31,17 @@ def test_config_step_parses_variants_and_times_each_interleaved(one_thread):
     with pytest.raises(ValueError, match="KEY=VALUE"):
         cs.parse_overrides(["batch_size"])
     result = cs.measure("smoke", {"preset": {}, "enc": {"perceiver_features": "encoder",
-                                                        "attention_features": "encoder"}},
+                                                        "attention_features": "encoder"},
+                                  "b4": {"batch_size": 4}},
                         repeats=2, device=torch.device("cpu"))
     rows = result["variants"]
-    assert set(rows) == {"preset", "enc"} and rows["preset"]["ratio_to_first"] == 1.0
+    assert set(rows) == {"preset", "enc", "b4"} and rows["preset"]["ratio_to_first"] == 1.0
+    # a variant with another batch counts its own frames in frames/s and GFLOP per frame
+    b4, base = rows["b4"], rows["preset"]
+    assert b4["frames_per_step"] == 2 * base["frames_per_step"]
+    assert b4["fps"] == pytest.approx(b4["frames_per_step"] / b4["step_s_median"])
+    assert b4["fps_ratio_to_first"] == pytest.approx(b4["fps"] / base["fps"])
+    assert b4["gflop_per_frame"] == pytest.approx(base["gflop_per_frame"], rel=0.2)
     assert all(len(r["step_s"]) == 2 and r["fps"] > 0 for r in rows.values())
     # the encoder-map inputs drop the attention pyramid and the tokenizer's strided convolutions
     assert rows["enc"]["gflop_per_frame"] < rows["preset"]["gflop_per_frame"]
