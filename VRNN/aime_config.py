@@ -150,6 +150,10 @@ class AIMEConfig:
     # they are scored on, not only for one step from a filtered state. 0 disables (no extra cost).
     overshoot_weight: float = 0.0
     overshoot_context: int = 4
+    # False: the open-loop part reads the attention prior's maps as decoder inputs without training the
+    # attention schema through them (the teacher-forced ELBO and the attention task still do); the rollout
+    # then keeps no graph of its per-step attention convolutions (docs/MODEL_CHANGES.md 19).
+    overshoot_attention_grad: bool = True
 
     # ----------------------------------------------------------------------------------------------
     # Loss weights (MODEL.md section 3); each is applied exactly once

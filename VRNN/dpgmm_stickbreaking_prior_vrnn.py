@@ -403,19 +403,24 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         return replace(state, map_prev=att["map"][:, i], center_prev=att["center"][:, i])
 
     def _rollout(self, state: RecurrentState, actions: Tensor, temperature: float,
-                 generator: torch.Generator | None, detach_attention_inputs: bool = False) -> dict[str, Tensor]:
+                 generator: torch.Generator | None, detach_attention_inputs: bool = False,
+                 attention_grad: bool = True) -> dict[str, Tensor]:
         """Open-loop latent rollout from ``state`` (the state of the first imagined step): for each of the
         F = actions.shape[1] steps, z_t from the prior p(z_t | h_t) at ``temperature`` (0: the mean of the
         most probable component, differentiable in the prior's means), the attention prior's map (the
         previous map without attention), then h_{t+1} = LSTM([z_t; a_t], h_t). actions [B, F, A] float32.
         ``detach_attention_inputs``: the attention prior reads h_t and z_{t-1} detached, as in training.
+        ``attention_grad`` False: the attention prior runs without autograd (its maps are inputs of the
+        decoder; nothing is trained through them), which also implies detached inputs.
         Returns latents [B, F, D], pi [B, F, K], hidden_states [B, F, H], attention_prior_maps [B, F, R, R].
         The frames are not decoded here (the caller decodes all B*F steps at once)."""
         keys = ("latents", "pi", "hidden_states", "attention_prior_maps")
         out: dict[str, list[Tensor]] = {k: [] for k in keys}
         with recurrent_precision(actions.device):
             for j in range(actions.shape[1]):
-                params, att_prior = self.cell.prior_step(state, detach_attention_inputs)
+                with torch.set_grad_enabled(attention_grad and torch.is_grad_enabled()):
+                    att_prior = self.cell.attention_prior_step(state, detach_attention_inputs)
+                params = self.cell.prior(state.h)
                 z, pi = self.cell.prior.sample(params, temperature, generator)
                 prior_map = state.map_prev if att_prior is None else att_prior["map"]
                 for key, value in zip(keys, (z, pi, state.h, prior_map)):
@@ -433,7 +438,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         rollout (is_first) count 0."""
         b, t = x.shape[:2]
         roll = self._rollout(extras["state_at"], actions[:, start:].float(), 0.0, None,
-                             detach_attention_inputs=True)
+                             detach_attention_inputs=True, attention_grad=self.config.overshoot_attention_grad)
         dec_in = torch.cat([roll["latents"], roll["hidden_states"]], -1).flatten(0, 1).to(x.dtype)
         params = self.decoder(dec_in, roll["attention_prior_maps"].flatten(0, 1).to(x.dtype)).float()
         nats = -self.likelihood.log_prob(params, x[:, start:].flatten(0, 1)).view(b, t - start)

@@ -121,12 +121,15 @@ class VRNNCell(nn.Module):
     def prior_step(self, state: RecurrentState, detach_attention_inputs: bool = False,
                    ) -> tuple[PriorParams, dict[str, Tensor] | None]:
         """Everything step t predicts before seeing x_t, for one step (imagination): the DPGMM prior
-        p(z_t | h_t) and the attention prior p(A_t | A_{t-1}, h_t, z_{t-1}) (``None`` without attention).
-        ``detach_attention_inputs``: the attention prior reads h_t and z_{t-1} detached (as in training).
-        The attention prior's motion head is skipped (nothing in a rollout scores it)."""
-        params = self.prior(state.h)
-        att_prior = None
-        if self.attention is not None:
-            read = (lambda v: v.detach()) if detach_attention_inputs else (lambda v: v)
-            att_prior = self.attention.prior_step(state.map_prev, read(state.h), read(state.z_prev), motion=False)
-        return params, att_prior
+        p(z_t | h_t) and the attention prior of ``attention_prior_step`` (``None`` without attention)."""
+        return self.prior(state.h), self.attention_prior_step(state, detach_attention_inputs)
+
+    def attention_prior_step(self, state: RecurrentState, detach_attention_inputs: bool = False,
+                             ) -> dict[str, Tensor] | None:
+        """The attention prior p(A_t | A_{t-1}, h_t, z_{t-1}) of one step: logits [B, R*R] and map [B, R, R]
+        (``None`` without attention). ``detach_attention_inputs``: it reads h_t and z_{t-1} detached (as in
+        training). The motion head is skipped (nothing in a rollout scores it)."""
+        if self.attention is None:
+            return None
+        read = (lambda v: v.detach()) if detach_attention_inputs else (lambda v: v)
+        return self.attention.prior_step(state.map_prev, read(state.h), read(state.z_prev), motion=False)

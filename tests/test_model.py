@@ -465,6 +465,27 @@ def test_overshooting_imagines_the_rest_of_the_window_from_the_context_alone(mon
         assert grads and any(bool(g.abs().sum() > 0) for g in grads), name
 
 
+def test_overshoot_attention_grad_off_keeps_the_loss_and_trains_no_attention_through_the_rollout():
+    """overshoot_attention_grad=False (docs/MODEL_CHANGES.md 19): the open-loop term has the same value, its
+    gradient still reaches the prior, the LSTM and the decoder, but not the attention schema (with it on,
+    the attention prior's convolutions are trained through the rollout's maps)."""
+    obs, actions = _batch(5, b=2, t=6)
+    models = {}
+    for grad in (True, False):
+        torch.manual_seed(0)
+        models[grad] = _model(3, overshoot_weight=0.5, overshoot_context=3,
+                              overshoot_attention_grad=grad).eval()
+    losses = {g: m.compute_total_loss(obs, actions, generator=torch.Generator().manual_seed(0))[0]
+              for g, m in models.items()}
+    torch.testing.assert_close(losses[True]["open_loop_recon"], losses[False]["open_loop_recon"])
+    for grad, model in models.items():
+        model.zero_grad()
+        losses[grad]["open_loop_recon"].backward()
+        reached = lambda module: any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters())
+        assert reached(model.cell.prior) and reached(model.cell.lstm) and reached(model.decoder)
+        assert reached(model.cell.attention.prior_in) == grad
+
+
 def test_decoder_inference_path_equals_the_training_path():
     """Without gradients on the CPU in float32, the decoder's one-channel FiLM convolutions run as an im2col
     matmul (nvae._one_channel_conv3x3); the output equals the convolution path's (with gradients), and the
