@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from perceiver_io import CausalPerceiverIO, PerceiverIOConfig
 from VRNN.aime_config import AIMEConfig
-from VRNN.attention_schema import AttentionSchema, center_of_mass
+from VRNN.attention_schema import AttentionSchema
 from VRNN.dpgmm_prior import DPGMMPrior
 from VRNN.likelihoods import build_likelihood
 from VRNN.nvae import NVAEDecoder, NVAEEncoder
@@ -427,7 +427,9 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
                     out[key].append(value)
                 state = self.cell.advance(state, z, actions[:, j])
                 if att_prior is not None:
-                    state = replace(state, map_prev=prior_map, center_prev=center_of_mass(prior_map))
+                    # Only the next attention prior reads the state's map; nothing in a rollout reads
+                    # center_prev (the prior's motion head is off), and the state does not leave this loop.
+                    state = replace(state, map_prev=prior_map)
         return {k: torch.stack(v, dim=1) for k, v in out.items()}
 
     def _open_loop_nats(self, x: Tensor, actions: Tensor, extras: dict[str, Any], start: int) -> Tensor:

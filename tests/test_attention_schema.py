@@ -82,6 +82,18 @@ def test_encoder_map_features_pool_before_projecting_equals_projecting_first():
     torch.testing.assert_close(m.encode_encoder_maps(maps), reference, rtol=1e-5, atol=1e-5)
 
 
+def test_prior_step_without_gradient_equals_the_training_path():
+    """Without autograd on the CPU (imagination) the prior's convolutions run on channels-last maps; the
+    logits equal those of the path that training takes, for a peaked previous map."""
+    m = make(resolution=8)
+    _, h, _, z = inputs(b=1)
+    prev = torch.softmax(torch.randn(1, 64) * 3, -1).view(1, 8, 8)
+    training = m.prior_step(prev, h, z, motion=False)["logits"]
+    with torch.no_grad():
+        inference = m.prior_step(prev, h, z, motion=False)["logits"]
+    torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_posterior_is_deterministic():
     m = make()
     x, h, c, _ = inputs()
