@@ -342,11 +342,14 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
     def _observe_loop(self, x: Tensor, actions: Tensor, is_first: Tensor | None,
                       generator: torch.Generator | None, perceiver_loss: bool,
                       posterior_mean: bool = False, snapshot_at: int | None = None,
-                      ) -> tuple[dict, RecurrentState, dict]:
+                      attention_last_only: bool = False) -> tuple[dict, RecurrentState, dict]:
         """Batched encoders, then the causal loop over t. x [B, T, 3, S, S] in [-1, 1], actions [B, T, A].
         ``posterior_mean``: feed the posterior mean instead of a draw into the LSTM (deterministic filtering).
         ``snapshot_at``: also return (extras["state_at"]) the state that step ``snapshot_at`` (0-based) starts
         from, i.e. after x_1..x_{snapshot_at} were filtered: where an open-loop rollout from there begins.
+        ``attention_last_only``: run the attention posterior on the last frame only (extras["attention"] is
+        then [B, 1, ...]), which is all a rollout from the final state reads, unless the posterior reads s_t
+        (``posterior_side_inputs``) or a snapshot is asked for; then every frame's attention is computed.
 
         Returns (per-step stacks [B, T, ...]: h, z, z_mean, z_logvar, noise; the state after the last step,
         which carries z_T and A_T for the attention prior of step T+1; batched extras: perceiver outputs,
@@ -357,7 +360,12 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         feature = feature.view(b, t, -1)
         perc = self._context(x, perceiver_loss, enc_maps)
         context = perc["context"]
-        att = self._attention_posterior(frames, enc_maps, context, b, t)
+        last_only = attention_last_only and not self.config.posterior_side_inputs and snapshot_at is None
+        if last_only:   # imagination reads A_T only: the slot attention of the other frames is not needed
+            last = lambda v: v.view(b, t, *v.shape[1:])[:, -1]
+            att = self._attention_posterior(last(frames), [last(m) for m in enc_maps], context[:, -1:], b, 1)
+        else:
+            att = self._attention_posterior(frames, enc_maps, context, b, t)
         if self.config.posterior_side_inputs:
             read = context if self.config.perceiver_elbo_gradient else context.detach()
             side = read if att is None else torch.cat([read, att["state"]], dim=-1)
@@ -390,7 +398,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
                 state = self.cell.advance(state, z, actions[:, i])
         stacked = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1), "z_mean": torch.stack(means, 1),
                    "z_logvar": torch.stack(logvars, 1), "noise": noise}
-        state = self._with_attention_at(state, att, t - 1)
+        state = self._with_attention_at(state, att, 0 if last_only else t - 1)
         return stacked, state, {"perceiver": perc, "encoder_maps": enc_maps, "attention": att, "is_first": is_first,
                                 "state_at": state_at}
 
@@ -744,7 +752,7 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         a_fut = self._prepare_actions(future_actions, b, future_actions.shape[1], "future_actions")
         with self._inference():
             _, state, _ = self._observe_loop(x, a_ctx, None, generator, perceiver_loss=False,
-                                             posterior_mean=temperature <= 0)
+                                             posterior_mean=temperature <= 0, attention_last_only=True)
             result = self._rollout(state, a_fut.float(), temperature, generator)
             # No imagined frame is fed back (the state alone carries the world), so the decoder runs once
             # over all B*F imagined steps after the latent rollout instead of once per step.

@@ -381,6 +381,23 @@ def test_imagination_reads_only_the_recurrent_state(model, monkeypatch):
     assert calls == [2]  # the context once, never the imagined frames
 
 
+@pytest.mark.parametrize("side_inputs", [False, True])
+def test_imagination_attends_to_the_last_context_frame_only(side_inputs):
+    """attention_last_only (what generate_future_sequence asks for): the attention posterior runs on the last
+    frame, and the final state (h, z, A_T) equals that of filtering with every frame's attention; when the
+    posterior reads s_t (posterior_side_inputs) every frame's attention is still computed."""
+    model = _model(1, posterior_side_inputs=side_inputs, attention_features="encoder").eval()
+    obs, actions = _batch(9, t=3)
+    x, a = model._prepare_observations(obs), model._prepare_actions(actions, B, 3)
+    with torch.no_grad():
+        _, full, extras_full = model._observe_loop(x, a, None, None, perceiver_loss=False, posterior_mean=True)
+        _, last, extras_last = model._observe_loop(x, a, None, None, perceiver_loss=False, posterior_mean=True,
+                                                   attention_last_only=True)
+    for name in ("h", "z_prev", "map_prev", "center_prev"):
+        torch.testing.assert_close(getattr(last, name), getattr(full, name))
+    assert extras_last["attention"]["map"].shape[1] == (3 if side_inputs else 1)
+
+
 def test_observation_reaches_the_state_only_through_z(model):
     """RSSM-style state (docs/MODEL_CHANGES.md): with z_t held fixed, changing x_t leaves h_{t+1} unchanged."""
     obs, actions = _batch(8, t=3)
