@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from temporal_dynamics import LSTMLayer
 from VRNN.attention_schema import AttentionSchema
-from VRNN.dpgmm_prior import DPGMMPrior, PriorParams, bounded_logvar
+from VRNN.dpgmm_prior import DPGMMPrior, bounded_logvar
 
 __all__ = ["PosteriorHead", "RecurrentState", "VRNNCell"]
 
@@ -117,12 +117,6 @@ class VRNNCell(nn.Module):
         """h_{t+1} = LSTM([z_t; a_t], h_t); the new state carries z_t as z_prev."""
         out, lstm = self.lstm.step(torch.cat([z, action], dim=-1), state.lstm)
         return replace(state, h=out, lstm=lstm, z_prev=z)
-
-    def prior_step(self, state: RecurrentState, detach_attention_inputs: bool = False,
-                   ) -> tuple[PriorParams, dict[str, Tensor] | None]:
-        """Everything step t predicts before seeing x_t, for one step (imagination): the DPGMM prior
-        p(z_t | h_t) and the attention prior of ``attention_prior_step`` (``None`` without attention)."""
-        return self.prior(state.h), self.attention_prior_step(state, detach_attention_inputs)
 
     def attention_prior_step(self, state: RecurrentState, detach_attention_inputs: bool = False,
                              ) -> dict[str, Tensor] | None:
