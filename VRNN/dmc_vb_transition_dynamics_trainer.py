@@ -175,15 +175,18 @@ class DMCVBTrainer:
         self.task_params = model.task_parameters() if hasattr(model, "task_parameters") else None
         self.disc_params = [p for p in model.discriminator_parameters() if p.requires_grad]
         c = config
+        # The fused AdamW kernel (CPU and CUDA): the same update as the default per-tensor loop, to float
+        # rounding, in one call over all tensors; 3 ms against 11 ms per cpu-preset step on two cores.
+        fused = True if self.device.type in ("cpu", "cuda") else None
         self.optimizer = torch.optim.AdamW(model.parameter_groups(c.learning_rate, c.weight_decay),
                                            lr=c.learning_rate, betas=tuple(c.adam_betas),
-                                           weight_decay=c.weight_decay)
+                                           weight_decay=c.weight_decay, fused=fused)
         # Without a discriminator (use_discriminator=False) its optimiser holds one unused placeholder, so
         # that checkpoints keep one layout.
         self._disc_placeholder = torch.nn.Parameter(torch.zeros(1, device=self.device), requires_grad=False)
         self.disc_optimizer = torch.optim.AdamW(self.disc_params or [self._disc_placeholder],
                                                 lr=c.disc_learning_rate, betas=tuple(c.adam_betas),
-                                                weight_decay=c.weight_decay)
+                                                weight_decay=c.weight_decay, fused=fused)
         self.scheduler = make_lr_scheduler(self.optimizer, c.warmup_steps, c.max_steps, c.min_lr_ratio)
         self.disc_scheduler = make_lr_scheduler(self.disc_optimizer, c.warmup_steps, c.max_steps, c.min_lr_ratio)
         # Per-task gradients by one vmapped backward pass only on GPU: on CPU it measured 3-4x slower than

@@ -128,6 +128,32 @@ def test_ema_is_a_separate_copy():
         ModelEMA(model, decay=1.0)
 
 
+def test_ema_update_moves_every_float_tensor_and_copies_integer_buffers():
+    model = _model(3)
+    ema = ModelEMA(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        for b in model.buffers():
+            if b.dtype.is_floating_point:
+                b.add_(1.0)
+            elif b.dtype == torch.bool:
+                b.logical_not_()
+            else:
+                b.add_(3)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    live = model.state_dict()
+    d = ema.current_decay()
+    ema.update(model)
+    after = ema.module.state_dict()
+    assert any(not v.dtype.is_floating_point for v in live.values())   # the model has integer buffers
+    for k, v in live.items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(after[k], d * before[k] + (1 - d) * v, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(after[k], v), k
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = _model(4)
     ema = ModelEMA(model, decay=0.9)

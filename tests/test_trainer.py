@@ -172,6 +172,8 @@ def test_aggregator_choice_and_parameter_groups(tiny_dmc_data, tmp_path):
     assert type(trainer.aggregator).__name__ == "SumAggregator"
     names = {g.get("name") for g in trainer.optimizer.param_groups}
     assert {"perceiver", "attention", "base"} <= {n.split("/")[0] for n in names}
+    # The fused AdamW kernel on CPU and CUDA, for the generator and the discriminator alike.
+    assert all(g["fused"] for g in trainer.optimizer.param_groups + trainer.disc_optimizer.param_groups)
     n_opt = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
     assert n_opt == sum(p.numel() for p in trainer.model.generator_parameters())
     before = [p.detach().clone() for p in trainer.model.discriminator_parameters()]
