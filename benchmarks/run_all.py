@@ -17,6 +17,11 @@ Each figure is measured in this run beside its reference, and the ratio is print
 * collect   the collector against a bare dm_control step-and-render loop (benchmarks/collect.py)
 * imagine   frames per second of ``generate_future_sequence`` (one rollout, and a batch) against real time
             (a DMC agent step lasts 20 ms at action repeat 2: 50 frames per second)
+* shipped   the first preset's step of this tree against the same preset's step of the code as first shipped
+            (git ``--shipped-ref``, each with its own preset's B x T), both timed by benchmarks/trainer_step.py
+            in fresh processes that alternate (shipped, this tree) ``--shipped-rounds`` times: the speed-up in
+            frames per second, measured on the same machine in the same minutes (not in ``--quick`` unless
+            named in ``--sections``; needs git and the repository's history)
 
 Usage (from the repository root)::
 
@@ -74,13 +79,15 @@ collect_bench = _sibling("collect")        # benchmarks/collect.py
 model_step = _sibling("model_step")        # benchmarks/model_step.py
 trainer_step = _sibling("trainer_step")    # benchmarks/trainer_step.py
 
-SECTIONS = ("step", "tscale", "aggregator", "data", "collect", "imagine")
+SECTIONS = ("step", "tscale", "aggregator", "data", "collect", "imagine", "shipped")
+# The last commit before the speed work of issue 10 (25 November 2026): the code as first shipped.
+SHIPPED_REF = "f15a223"
 REAL_TIME_FPS = 50.0  # DMC: control timestep 10 ms x action repeat 2 = one agent step per 20 ms
 # The issue's aims (issue 10), printed beside the ratios: (key, comparison, value)
 AIMS = {
     "step_fps": (">=", 250.0), "achieved_vs_matmul": (">=", 0.40), "loop_share": ("<", 0.25),
     "tscale_ratio": (">=", 0.90), "aggregator_ratio": ("<=", 1.5), "data_ratio": (">=", 20.0),
-    "collect_ratio": (">=", 0.8), "imagine_realtime_ratio": (">=", 10.0),
+    "collect_ratio": (">=", 0.8), "imagine_realtime_ratio": (">=", 10.0), "shipped_ratio": (">=", 10.0),
 }
 QUICK = {"repeats": 1, "warmup": 0, "tscale": (4, 8), "collect_steps": 60, "windows": 64, "horizon": 4,
          "shapes": {"cpu": (None, 4), "paper": (1, 2), "smoke": (None, None)}}
@@ -253,6 +260,50 @@ def _in_child(isolate: bool, fn, *args) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------
 # Sections that run here
+def shipped_section(ref: str, preset: str, repeats: int, rounds: int, threads: int | None, device: str,
+                    tmp: Path) -> dict[str, Any]:
+    """The ``preset`` step of the code at git ``ref`` against this tree's, each with that code's own preset
+    (B x T), each timed by ``benchmarks/trainer_step.py`` (this harness) in a fresh Python process whose
+    PYTHONPATH is the tree; the processes alternate (ref, this tree) ``rounds`` times, so a change in the
+    machine's speed falls on both. Returns both trees' frames per second per round and their ratio
+    (this tree / ref); the figure is the median ratio over the rounds."""
+    root = HERE.parent
+    old_tree = tmp / f"tree-{ref}"
+    old_tree.mkdir(parents=True, exist_ok=True)
+    try:
+        archive = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", ref], capture_output=True,
+                                 check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        raise RuntimeError(f"cannot read git ref {ref!r} of {root} (the shipped section needs the repository's "
+                           f"history): {detail}") from exc
+    subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive, check=True)
+
+    def child(tree: Path) -> dict[str, Any]:
+        cmd = [sys.executable, str(HERE / "trainer_step.py"), "--preset", preset, "--repeats", str(repeats),
+               "--device", device] + (["--threads", str(threads)] if threads else [])
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=str(tree))
+        if r.returncode != 0:
+            raise RuntimeError(f"the step of {tree} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        if Path(out["vrnn_path"]) != (tree / "VRNN").resolve():
+            raise RuntimeError(f"the child imported VRNN from {out['vrnn_path']}, not from {tree}")
+        out["fps"] = out["frames"] / _median(out["step_s"])
+        return out
+
+    per_round = []
+    for _ in range(rounds):
+        old, new = child(old_tree), child(root)
+        per_round.append({"shipped_fps": old["fps"], "fps": new["fps"], "ratio": new["fps"] / old["fps"],
+                          "shipped_step_s": old["step_s"], "step_s": new["step_s"]})
+    return {"ref": ref, "preset": preset, "rounds": per_round, "repeats": repeats,
+            "shipped_shape": [old["batch"], old["seq"]], "shape": [new["batch"], new["seq"]],
+            "shipped_fps": _median([r["shipped_fps"] for r in per_round]),
+            "fps": _median([r["fps"] for r in per_round]),
+            "ratio": _median([r["ratio"] for r in per_round])}
+
+
 def collect_section(env: str, steps: int, repeats: int, out_dir: Path) -> dict[str, Any]:
     torch.set_num_threads(1)  # as benchmarks/collect.py: the collector is single-threaded
     r = collect_bench.compare_collection(env, steps, 2, 64, out_dir, repeats=repeats)
@@ -317,7 +368,8 @@ def summary_ratios(results: dict[str, Any]) -> dict[str, float]:
             r[f"{preset}.loop_share"] = s["profile"]["loop_share"]
     for key, section, field in (("tscale_ratio", "tscale", "ratio"), ("aggregator_ratio", "aggregator", "ratio"),
                                 ("data_ratio", "data", "ratio"), ("collect_ratio", "collect", "ratio"),
-                                ("imagine_realtime_ratio", "imagine", "realtime_ratio")):
+                                ("imagine_realtime_ratio", "imagine", "realtime_ratio"),
+                                ("shipped_ratio", "shipped", "ratio")):
         value = results.get(section, {}).get(field)
         if value is not None:
             r[key] = float(value)
@@ -346,6 +398,14 @@ def markdown_table(results: dict[str, Any]) -> str:
         rows.append(f"| {preset}: peak memory | {mem} | | | |")
         if "gpu_utilisation" in s:
             rows.append(f"| {preset}: GPU utilisation (kernel time / step) | {_fmt(s['gpu_utilisation'])} | | | |")
+    sh = results.get("shipped", {})
+    if "ratio" in sh:
+        lo, hi = min(r["ratio"] for r in sh["rounds"]), max(r["ratio"] for r in sh["rounds"])
+        spread = f" ({_fmt(lo)}–{_fmt(hi)} over {len(sh['rounds'])} rounds)" if len(sh["rounds"]) > 1 else ""
+        rows.append(f"| {sh['preset']} step frames/s: this code ({sh['shape'][0]}x{sh['shape'][1]}) vs the code as "
+                    f"shipped, git {sh['ref']} ({sh['shipped_shape'][0]}x{sh['shipped_shape'][1]}), processes "
+                    f"alternating | {_fmt(sh['fps'])} | {_fmt(sh['shipped_fps'])} | {_fmt(sh['ratio'])}{spread} | "
+                    f"{_aim('shipped_ratio')} |")
     t = results.get("tscale", {})
     if "fps" in t:
         rows.append(f"| {t['preset']} frames/s at T={t['T'][1]} vs T={t['T'][0]} (B={t['batch']}) | "
@@ -514,7 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one repetition, small T (4; T scaling 4 vs 8), short collection: about a minute")
     parser.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(PRESETS),
                         help="presets of the step section; the first one is also used by every other section")
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--sections", nargs="+", default=None, choices=SECTIONS,
+                        help="sections to run (default: all; with --quick all but shipped)")
+    parser.add_argument("--shipped-ref", default=SHIPPED_REF,
+                        help="git ref of the code the shipped section compares against (default: the last commit "
+                             "before the speed work)")
+    parser.add_argument("--shipped-rounds", type=int, default=None,
+                        help="alternating (shipped, this tree) process pairs in the shipped section (default 3; "
+                             "--quick 1)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default benchmarks/results.json; benchmarks/results-quick.json with --quick)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -545,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mode = QUICK if args.quick else FULL
+    if args.sections is None:
+        args.sections = [k for k in SECTIONS if not (args.quick and k == "shipped")]
     repeats = args.repeats or mode["repeats"]
     warmup = mode["warmup"]  # untimed steps after the first (the FLOP-counting step in the step section)
     out_path = args.out or HERE / ("results-quick.json" if args.quick else "results.json")
@@ -617,6 +686,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["data"] = run("data", data_section, path, ref, ref_b, ref_t,
                                       args.windows or mode["windows"], str(dev), step_ref.get("fps"),
                                       step_ref.get("batch"), args.quick)
+        if "shipped" in args.sections:
+            results["shipped"] = run("shipped", shipped_section, args.shipped_ref, ref, max(3, repeats),
+                                     args.shipped_rounds or (1 if args.quick else 3), threads, str(dev),
+                                     Path(tmp))
     if "imagine" in args.sections:
         results["imagine"] = run("imagine", _in_child, isolate, imagine_section, ref, str(dev),
                                  args.horizon or mode["horizon"], max(2, repeats), threads)

@@ -646,3 +646,36 @@ def _forward_part(module: str | None, phase: str | None, in_loop: bool) -> str:
         return part
     return "prior loop" if in_loop else "forward: other"
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/trainer_step.py --preset cpu --repeats 5``: one JSON line with the step times of
+    the preset's own B x T, for the ``VRNN`` package that this interpreter imports (run_all.py's ``shipped``
+    section points PYTHONPATH at an older tree to time that code's step with this same harness)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0].strip("`"),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="cpu", help="config preset whose step is timed (its own B x T)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (after --warmup untimed ones)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = step_config(args.preset)
+    harness = TrainerHarness(config, torch.device(args.device))
+    times = harness.time_steps(args.repeats, warmup=args.warmup)
+    import VRNN
+
+    print(json.dumps({"preset": args.preset, "batch": config.batch_size, "seq": config.sequence_length,
+                      "frames": harness.frames, "step_s": times, "skipped": harness.skipped,
+                      "vrnn_path": str(Path(VRNN.__file__).resolve().parent)}))
+    harness.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

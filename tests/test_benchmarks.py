@@ -83,3 +83,24 @@ def test_module_paths_map_to_parts():
     assert part("decoder.head") == part("likelihood") == "decoder & likelihood"
     assert part("dynamics.transition_mlp") == "prior loop"  # a renamed cell still lands in the loop's part
     assert part("world_head.fc") == "other: world_head"
+
+
+def test_shipped_section_times_the_tree_of_a_git_ref(tmp_path):
+    """The shipped section extracts a git ref's tree and times that tree's step in a child process whose
+    VRNN is imported from it (checked by the section); here the ref is HEAD, so the two sides are the same
+    code and only the mechanism is tested."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    run_all = _load_run_all()
+    out = run_all.shipped_section("HEAD", "smoke", repeats=1, rounds=1, threads=1, device="cpu", tmp=tmp_path)
+    assert (tmp_path / "tree-HEAD" / "VRNN" / "__init__.py").exists()
+    assert len(out["rounds"]) == 1 and out["shape"] == out["shipped_shape"]
+    assert math.isfinite(out["ratio"]) and out["ratio"] > 0
+    with pytest.raises(RuntimeError, match="git ref"):
+        run_all.shipped_section("no-such-ref-0000", "smoke", 1, 1, 1, "cpu", tmp_path)
+    table = run_all.markdown_table({"shipped": out})
+    assert "as shipped, git HEAD" in table
