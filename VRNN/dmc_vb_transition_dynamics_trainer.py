@@ -63,7 +63,7 @@ from VRNN.training_checkpoints import (
     check_compatible,
     require_training_state,
 )
-from VRNN.vrnn_utilities import get_rng_state, load_checkpoint, set_rng_state
+from VRNN.vrnn_utilities import get_rng_state, keep_large_blocks_mapped, load_checkpoint, set_rng_state
 
 __all__ = [
     "AGGREGATOR_KWARGS",
@@ -195,6 +195,8 @@ class DMCVBTrainer:
                                          batched_grads=self.device.type == "cuda",
                                          **AGGREGATOR_KWARGS[c.aggregator](c))
         self.ema = ModelEMA(model, c.ema_decay)
+        if self.device.type == "cpu" and keep_large_blocks_mapped():
+            logger.debug("glibc malloc keeps freed blocks up to 1 GiB mapped (vrnn_utilities.keep_large_blocks_mapped)")
         self._amp = amp_supported(c.amp, self.device)
         install_statistics_hooks(self.model)  # VQ codebook statistics of the global batch (not in the EMA copy)
         self.grad_diag = GradDiagnostics()

@@ -1,4 +1,5 @@
-"""Small shared utilities: seeding, devices, logging set-up, RNG state capture and checkpoint I/O.
+"""Small shared utilities: seeding, devices, logging set-up, RNG state capture, checkpoint I/O and the
+CPU allocator setting of training processes.
 
 Checkpoints are plain dictionaries of tensors and Python scalars, written to a temporary file in the same
 folder and renamed over the target (so a crash mid-write never leaves a truncated ``latest.pt``), and read
@@ -8,8 +9,10 @@ back with ``torch.load(weights_only=True)``. Every checkpoint carries ``format_v
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import random
 import tempfile
 from pathlib import Path
@@ -23,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "seed_everything",
     "resolve_device",
+    "keep_large_blocks_mapped",
     "setup_logging",
     "get_rng_state",
     "set_rng_state",
@@ -58,6 +62,42 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r}; expected 'auto', 'cpu' or 'cuda[:N]'")
     return torch.device(name)
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_large_blocks_mapped: bool | None = None
+
+
+def keep_large_blocks_mapped(threshold_bytes: int = 1 << 30) -> bool:
+    """Let glibc's malloc keep freed blocks below ``threshold_bytes`` (bytes) in the heap instead of
+    returning them to the operating system; process-wide, idempotent. Returns whether it applied (False on
+    anything but Linux with glibc, where it does nothing).
+
+    By default glibc serves every block over its mmap threshold (at most 32 MiB) with a fresh mmap and
+    unmaps it on free, so a training step that allocates and frees the same large activations every step
+    touches each of their pages anew: one minor page fault per 4 KiB, every step. On the cpu preset at
+    B = 8, T = 64 that was 190-240 page faults per frame and 0.82-0.92 of the frames per second at T = 16
+    (three runs); with this setting 0.5-7 faults per frame and 1.07-1.11 (T = 16 itself, whose blocks are
+    smaller, is unchanged). The heap grows for the first few steps, until freed neighbours coalesce into
+    blocks that fit, then stays. The cost: the process keeps its peak heap instead of shrinking after a
+    large free.
+    ``DMCVBTrainer`` calls this for CPU training."""
+    global _large_blocks_mapped
+    if _large_blocks_mapped is not None:
+        return _large_blocks_mapped
+    applied = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None)
+            if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt"):
+                threshold = int(min(threshold_bytes, 2**31 - 1))
+                applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(
+                    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        except OSError:
+            applied = False
+    _large_blocks_mapped = applied
+    return applied
 
 
 def setup_logging(level: int = logging.INFO, rank: int = 0) -> None:
