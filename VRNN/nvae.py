@@ -216,7 +216,13 @@ class NVAEDecoder(nn.Module):
         res = attention_map.shape[-1]
         att = torch.log1p(attention_map.unsqueeze(1) * (res * res))  # uniform map -> log 2
         h = self.cell0(self.fc(x).view(-1, self.top, 4, 4))
+        # Without autograd on a CPU (imagination, evaluation), oneDNN's channels-last kernels: 0.85 of the
+        # decoder's time for 16 frames, the same values to 1e-7 (training measured slower channels-last).
+        channels_last = h.device.type == "cpu" and not torch.is_grad_enabled() and h.dtype == torch.float32
+        if channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         for up, film, cell in zip(self.ups, self.films, self.cells):
             h = up(F.interpolate(h, scale_factor=2.0, mode="nearest") if self.upsample == "nearest" else h)
             h = cell(film(h, att))
-        return self.out(h)
+        out = self.out(h)
+        return out.contiguous() if channels_last else out

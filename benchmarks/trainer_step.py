@@ -655,7 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0].strip("`"),
+    parser = argparse.ArgumentParser(description="The real training step of a preset (its own B x T) timed with "
+                                     "the VRNN package this interpreter imports; prints one JSON line: the step "
+                                     "times in seconds, the shape, and where VRNN came from.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default="cpu", help="config preset whose step is timed (its own B x T)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (after --warmup untimed ones)")

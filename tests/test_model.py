@@ -381,6 +381,30 @@ def test_imagination_reads_only_the_recurrent_state(model, monkeypatch):
     assert calls == [2]  # the context once, never the imagined frames
 
 
+def test_imagination_returns_ordinary_tensors_and_the_decoder_the_same_values_without_autograd(model):
+    """generate_future_sequence runs under torch.inference_mode but returns ordinary tensors (usable in
+    autograd and in place); the decoder's channels-last path without autograd gives the values of the
+    autograd path, as a contiguous tensor."""
+    obs, actions = _batch(10, t=3)
+    out = model.generate_future_sequence(obs[:, :2], actions[:, :2], torch.zeros(B, 4, A), temperature=0.0)
+    for key, value in out.items():
+        assert not value.is_inference(), key
+    out["frames"].mul_(1.0)                                        # in place works outside inference mode
+    w = torch.ones((), requires_grad=True)
+    (out["frames"] * w).sum().backward()                           # and autograd
+    x = torch.randn(6, model.config.latent_dim + model.config.hidden_dim)
+    maps = torch.softmax(torch.randn(6, model.config.attention_resolution ** 2), -1)
+    maps = maps.view(6, model.config.attention_resolution, model.config.attention_resolution)
+    model.eval()
+    with torch.no_grad():
+        fast = model.decoder(x, maps)
+    with torch.enable_grad():
+        ref = model.decoder(x, maps).detach()
+    model.train()
+    assert fast.is_contiguous()
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("side_inputs", [False, True])
 def test_imagination_attends_to_the_last_context_frame_only(side_inputs):
     """attention_last_only (what generate_future_sequence asks for): the attention posterior runs on the last
