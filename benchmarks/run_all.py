@@ -125,7 +125,15 @@ def step_section(preset: str, batch: int | None, seq: int | None, device: str, r
         harness.step()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    times = harness.time_steps(repeats, warmup=0)
+    # The matmul reference is also measured between the timed steps (best of 3 after each), so that it sees
+    # the machine in the same minutes as the steps; the ratio uses the median of those.
+    times, matmul_between = [], []
+    for _ in range(repeats):
+        times += harness.time_steps(1, warmup=0)
+        matmul_between.append(model_step.matmul_gflops(dev, repeats=3))
+    machine["matmul_gflops_before"] = machine["matmul_gflops"]
+    machine["matmul_gflops_between_steps"] = matmul_between
+    machine["matmul_gflops"] = _median(matmul_between)
     peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
             else model_step._maxrss_mib() - rss_before)
     phases = harness.phase_times()
