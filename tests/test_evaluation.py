@@ -170,9 +170,11 @@ def test_static_scene_baselines_are_perfect(model, config, train_mean):
     assert res["copy_last_ssim"] == pytest.approx([1.0] * config.eval_horizon)
     assert res["context_mean_psnr"] == pytest.approx([PSNR_CAP_DB] * config.eval_horizon)
     assert res["pred_psnr_mean"] < PSNR_CAP_DB         # an untrained model does not copy perfectly
-    # every action is zero, so another window's actions are the same actions: the ratio is exactly 1
+    # every action is zero, so another window's actions are the same actions: the ratio is 1 (to the last
+    # bits: without autograd the decoder takes oneDNN's channels-last kernels, whose rounding can differ
+    # between the own and the shuffled halves of one batch by ~1e-9 of the MSE)
     assert res["action_shuffle_ratio"] == pytest.approx([1.0] * config.eval_horizon)
-    assert res["action_shuffle_ratio_se"] == pytest.approx([0.0] * config.eval_horizon, abs=1e-9)
+    assert res["action_shuffle_ratio_se"] == pytest.approx([0.0] * config.eval_horizon, abs=1e-6)
     assert "actions_ignored" in res["verdict"]["flags"]
 
 
