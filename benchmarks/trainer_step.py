@@ -34,8 +34,10 @@ device self time on CUDA (kernels; the rest of the step's wall time is reported 
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import contextlib
+import json
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -47,6 +49,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
+
+import VRNN
 
 from VRNN.aime_config import AIMEConfig
 from VRNN.dmc_vb_transition_dynamics_trainer import DMCVBTrainer
@@ -647,14 +651,10 @@ def _forward_part(module: str | None, phase: str | None, in_loop: bool) -> str:
     return "prior loop" if in_loop else "forward: other"
 
 
-
 def main(argv: list[str] | None = None) -> int:
     """``python benchmarks/trainer_step.py --preset cpu --repeats 5``: one JSON line with the step times of
     the preset's own B x T, for the ``VRNN`` package that this interpreter imports (run_all.py's ``shipped``
     section points PYTHONPATH at an older tree to time that code's step with this same harness)."""
-    import argparse
-    import json
-
     parser = argparse.ArgumentParser(description="The real training step of a preset (its own B x T) timed with "
                                      "the VRNN package this interpreter imports; prints one JSON line: the step "
                                      "times in seconds, the shape, and where VRNN came from.",
@@ -670,8 +670,6 @@ def main(argv: list[str] | None = None) -> int:
     config = step_config(args.preset)
     harness = TrainerHarness(config, torch.device(args.device))
     times = harness.time_steps(args.repeats, warmup=args.warmup)
-    import VRNN
-
     print(json.dumps({"preset": args.preset, "batch": config.batch_size, "seq": config.sequence_length,
                       "frames": harness.frames, "step_s": times, "skipped": harness.skipped,
                       "vrnn_path": str(Path(VRNN.__file__).resolve().parent)}))
