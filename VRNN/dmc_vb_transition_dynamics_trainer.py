@@ -157,6 +157,7 @@ class DMCVBTrainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.test_data = test_data if test_data is not None else eval_data
         self._mean_frame: torch.Tensor | None = None
+        self._training_windows = None  # the training split in evaluation windows (``training_windows``)
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -440,11 +441,11 @@ class DMCVBTrainer:
         """
         from VRNN.evaluation import evaluate, scalar_metrics
 
-        if split not in ("validation", "test"):
-            raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+        if split not in ("validation", "test", "train"):
+            raise ValueError(f"split must be 'validation', 'test' or 'train', got {split!r}")
         result: dict[str, Any] = {}
         if self.dist.is_main:
-            data = self.eval_data if split == "validation" else self.test_data
+            data = {"validation": self.eval_data, "test": self.test_data}.get(split) or self.training_windows()
             last = self.last_evaluation or {}
             if (split == "test" and self.test_data is self.eval_data and last.get("step") == self.step
                     and last.get("split") == "validation"):
@@ -455,8 +456,9 @@ class DMCVBTrainer:
                                                          ema=self.ema.module, progress=self._progress,
                                                          mean_frame=self.mean_frame(), split=split)}
             if write:
-                write_json_atomic(self.run_dir / ("eval.json" if split == "test" else "eval_validation.json"), result)
-            prefix = "eval/" if split == "validation" else "test/"
+                name = {"validation": "eval_validation.json", "test": "eval.json", "train": "eval_train.json"}[split]
+                write_json_atomic(self.run_dir / name, result)
+            prefix = {"validation": "eval/", "test": "test/", "train": "train_windows/"}[split]
             (metrics or MetricsLogger(self.run_dir)).log({"step": self.step, **scalar_metrics(result, prefix)})
             if plots and self.save_visualizations:
                 self.make_plots(self.run_dir / "plots" / f"step_{self.step:08d}", result, split)
@@ -465,6 +467,21 @@ class DMCVBTrainer:
             self.last_evaluation = result
         barrier()
         return result
+
+    def training_windows(self):
+        """The training split cut into evaluation windows (``eval_sequence_length`` rows, the test protocol),
+        built on first use from ``train_data.path``; None when the training data has no such path or its
+        episodes are shorter than one evaluation window."""
+        if self._training_windows is None and getattr(self.train_data, "path", None) is not None:
+            from VRNN.evaluation import eval_sequence_length
+
+            try:
+                self._training_windows = DMCVBDataset(self.train_data.path, eval_sequence_length(self.config),
+                                                      scale="float", augment=False, seed=self.config.seed)
+            except ValueError as exc:  # episodes shorter than T0 + F: no training-window evaluation
+                logger.info("no evaluation on training windows: %s", exc)
+                self._training_windows = False
+        return self._training_windows or None
 
     def make_plots(self, plots_dir: Path, evaluation: dict[str, Any], split: str = "validation") -> dict[str, Path]:
         """Every evaluation figure of the EMA model into ``plots_dir`` (rank 0), drawn on ``split``'s windows."""
@@ -572,7 +589,23 @@ class DMCVBTrainer:
                 self.best_bits_per_dim, best = bpd, True
         self.save_checkpoint(best=best or not (self.checkpoints.dir / "best.pt").exists())
         if final:
-            self.evaluate(metrics=metrics, split="test")
+            test = self.evaluate(metrics=metrics, split="test")
+            self._compare_with_training_windows(test, metrics)
+
+    def _compare_with_training_windows(self, test: dict[str, Any], metrics: MetricsLogger | None) -> None:
+        """Evaluate the training split's windows (``eval_train.json``) and add their summary to the test
+        result as ``training_windows`` (eval.json, the report): a model that predicts its training
+        episodes far better than held-out ones has memorised them (docs/EVALUATION.md)."""
+        from VRNN.evaluation import training_window_summary
+
+        # Only rank 0 evaluates and only it reads the split; "any" hands its answer to every rank.
+        if not all_reduce_flag(self.dist.is_main and self.training_windows() is not None, "any"):
+            return
+        train = self.evaluate(metrics=metrics, split="train", plots=False)
+        if self.dist.is_main:
+            test["training_windows"] = training_window_summary(train, test)
+            write_json_atomic(self.run_dir / "eval.json", test)
+            self.last_evaluation = test
 
 
 def make_plots(model: torch.nn.Module, eval_data, config: AIMEConfig, plots_dir: Path, evaluation: dict[str, Any],

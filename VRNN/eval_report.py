@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from VRNN.eval_scoring import BASELINE_NAMES, BASELINES, USAGE_THRESHOLD
+from VRNN.eval_scoring import BASELINE_NAMES, BASELINES, SIGNIFICANCE, USAGE_THRESHOLD
 
 __all__ = ["write_report"]
 
@@ -61,6 +61,37 @@ def _horizon_table(e: Mapping[str, Any], metric: str, spec: str) -> list[str]:
                          [(e.get(f"{p}_{metric}_se") or [None] * (j + 1))[j] for p, _ in present]))
     lines.append(row("mean", [e.get(f"{p}_{metric}_mean") for p, _ in present],
                      [e.get(f"{p}_{metric}_mean_se") for p, _ in present]))
+    return lines + [""]
+
+
+def _training_windows_section(e: Mapping[str, Any]) -> list[str]:
+    """Markdown: the held-out figures beside the same figures on windows of the training split
+    (``e["training_windows"]``, ``evaluation.training_window_summary``); [] when absent."""
+    t = e.get("training_windows")
+    if not isinstance(t, Mapping):
+        return []
+    held_lead = ((e.get("gaps") or {}).get("train_mean") or {})
+    rows = [("reconstruction PSNR (dB)", _pm(e, "recon_psnr", ".2f"), _pm(t, "recon_psnr", ".2f")),
+            ("open-loop PSNR, mean over the horizon (dB)", _pm(e, "pred_psnr_mean", ".2f"),
+             _pm(t, "pred_psnr_mean", ".2f")),
+            ("lead over the mean training frame (dB)", _pm(held_lead, "psnr_mean", ".2f"),
+             _pm(t, "lead_over_mean_frame", ".2f")),
+            ("action-shuffle ratio over the horizon", _pm(e, "action_shuffle_ratio_mean", ".3f"),
+             _pm(t, "action_shuffle_ratio_mean", ".3f"))]
+    lines = ["## Training windows against held-out windows", "",
+             (f"The same protocol on {t.get('num_windows')} windows of the training split "
+              f"({t.get('num_episodes')} episodes). A model that learned the dynamics scores alike on both; one "
+              "that replays its training episodes leads the mean frame by far more on them."), "",
+             "| figure | held-out windows | training windows |", "|---|---:|---:|"]
+    lines += [f"| {name} | {held} | {train} |" for name, held, train in rows]
+    gap, se = t.get("memorisation_gap_db"), t.get("memorisation_gap_db_se")
+    if gap is not None:
+        reading = ("the model predicts its training episodes better than new ones: it has memorised part of "
+                   "them; more training episodes (`--episodes`) is the first remedy"
+                   if se is not None and gap > max(0.5, SIGNIFICANCE * se) else
+                   "no sign of memorising at this size of gap")
+        lines += ["", f"Memorisation gap (training lead − held-out lead): {_fmt(gap, '.2f')}"
+                  + (f" ± {_fmt(se, '.2f')}" if se is not None else "") + f" dB: {reading}."]
     return lines + [""]
 
 
@@ -157,6 +188,7 @@ def write_report(run_dir: str | Path, eval_dict: Mapping[str, Any], plot_paths: 
             for j, (r, s) in enumerate(zip(e["action_shuffle_ratio"], e.get("action_shuffle_ratio_se") or [])))]
     lines.append("")
 
+    lines += _training_windows_section(e)
     lines += ["## Reconstruction and the ELBO", "",
               (f"Posterior reconstruction: PSNR {_pm(e, 'recon_psnr', '.2f')} dB, SSIM "
               f"{_pm(e, 'recon_ssim', '.3f')}."), "",

@@ -77,6 +77,7 @@ __all__ = [
     "load_or_compute_mean_frame",
     "make_evaluation_plots",
     "scalar_metrics",
+    "training_window_summary",
     "write_report",
 ]
 
@@ -549,6 +550,35 @@ def _clean(value):
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
+
+
+# Figures of an evaluation kept when it is compared with another split's (``training_window_summary``).
+SUMMARY_KEYS = ("split", "num_windows", "num_episodes", "recon_psnr", "recon_psnr_se", "pred_psnr_mean",
+                "pred_psnr_mean_se", "train_mean_psnr_mean", "train_mean_psnr_mean_se",
+                "action_shuffle_ratio_mean", "action_shuffle_ratio_mean_se", "bits_per_dim", "bits_per_dim_se")
+
+
+def training_window_summary(train_eval: Mapping[str, Any], held_out: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The figures of an evaluation on *training* windows beside the held-out one, to tell learning from
+    memorising (eval.json's ``training_windows``; docs/EVALUATION.md).
+
+    train_eval: ``evaluate`` on windows of the training split (same protocol, same mean frame).
+    held_out: the held-out (test) evaluation, or None. Returns the keys of ``SUMMARY_KEYS`` that
+    ``train_eval`` has (PSNR in dB over the horizon F, shuffle ratio pooled over it), ``lead_over_mean_frame``
+    and ``_se`` (paired model − mean-training-frame PSNR, dB, mean over the horizon) and, with ``held_out``,
+    ``memorisation_gap_db``: the training windows' lead over the mean frame minus the held-out windows'
+    (dB; 0 for a model that generalises, large for one that replays its training episodes) with the
+    standard error of the difference of two independent means.
+    """
+    out = {k: train_eval[k] for k in SUMMARY_KEYS if k in train_eval}
+    lead = (train_eval.get("gaps") or {}).get("train_mean") or {}
+    out["lead_over_mean_frame"], out["lead_over_mean_frame_se"] = lead.get("psnr_mean"), lead.get("psnr_mean_se")
+    other = ((held_out or {}).get("gaps") or {}).get("train_mean") or {}
+    if out["lead_over_mean_frame"] is not None and other.get("psnr_mean") is not None:
+        out["memorisation_gap_db"] = out["lead_over_mean_frame"] - other["psnr_mean"]
+        ses = (out["lead_over_mean_frame_se"], other.get("psnr_mean_se"))
+        out["memorisation_gap_db_se"] = math.hypot(*ses) if None not in ses else None
+    return _clean(out)
 
 
 def scalar_metrics(eval_dict: Mapping[str, Any], prefix: str = "eval/") -> dict[str, float]:

@@ -520,7 +520,7 @@ def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: D
     from VRNN.cli import explicit_config_flags
     from VRNN.dmc_vb_transition_dynamics_trainer import write_json_atomic
     from VRNN.dpgmm_stickbreaking_prior_vrnn import DPGMMVariationalRecurrentAutoencoder
-    from VRNN.evaluation import MEAN_FRAME_FILE, evaluate, load_or_compute_mean_frame
+    from VRNN.evaluation import MEAN_FRAME_FILE, evaluate, load_or_compute_mean_frame, training_window_summary
     from VRNN.training_checkpoints import RUN_ONLY_FIELDS
     from VRNN.vrnn_utilities import CheckpointError, load_checkpoint
 
@@ -557,6 +557,18 @@ def _eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: D
     result = {"step": int(payload.get("step", 0)),
               **evaluate(model, eval_data, config, device=ctx.device,
                          ema=model if payload.get("ema") is not None else None, mean_frame=mean_frame, split="test")}
+    try:  # the same protocol on training windows: learned or memorised (docs/EVALUATION.md)
+        train_windows = load_eval_dataset(config, splits.train)
+    except ValueError as exc:
+        logger.info("no evaluation on training windows: %s", exc)
+        train_windows = None
+    if train_windows is not None:
+        train = {"step": result["step"],
+                 **evaluate(model, train_windows, config, device=ctx.device,
+                            ema=model if payload.get("ema") is not None else None, mean_frame=mean_frame,
+                            split="train")}
+        write_json_atomic(run_dir / "eval_train.json", train)
+        result["training_windows"] = training_window_summary(train, result)
     write_json_atomic(run_dir / "eval.json", result)
     if report or args.visualize_attention or args.save_visualizations:
         _write_outputs(run_dir, model, eval_data, config, result)

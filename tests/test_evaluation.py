@@ -428,6 +428,41 @@ def test_trainer_selects_on_validation_and_reports_on_test(tiny_dmc_data, tmp_pa
     assert final["mean_frame_source"] == "training split"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("test/bits_per_dim" in r for r in rows) and any("eval/bits_per_dim" in r for r in rows)
+    # The same protocol on the training split's windows, summarised beside the test figures.
+    on_train = json.loads((run_dir / "eval_train.json").read_text())
+    assert on_train["split"] == "train" and on_train["step"] == 2
+    assert on_train["num_episodes"] == len(train.episode_lengths)
+    summary = final["training_windows"]
+    assert summary["recon_psnr"] == on_train["recon_psnr"]
+    assert summary["lead_over_mean_frame"] == on_train["gaps"]["train_mean"]["psnr_mean"]
+    assert summary["memorisation_gap_db"] == pytest.approx(
+        on_train["gaps"]["train_mean"]["psnr_mean"] - final["gaps"]["train_mean"]["psnr_mean"])
+    assert any("train_windows/bits_per_dim" in r for r in rows)
+
+
+def test_training_window_summary_and_report_section(tmp_path):
+    """The memorisation gap is the training windows' lead over the mean frame minus the held-out one, its SE
+    the two SEs in quadrature; the report reads a large gap as memorising and a small one as none."""
+    from VRNN.eval_report import _training_windows_section
+    from VRNN.evaluation import training_window_summary
+
+    def evaluation(lead, se, recon):
+        return {"split": "x", "num_windows": 40, "num_episodes": 4, "recon_psnr": recon, "recon_psnr_se": 0.1,
+                "pred_psnr_mean": 20.0 + lead, "pred_psnr_mean_se": 0.2, "action_shuffle_ratio_mean": 1.3,
+                "gaps": {"train_mean": {"psnr_mean": lead, "psnr_mean_se": se}}}
+
+    held_out = evaluation(0.5, 0.3, 22.0)
+    summary = training_window_summary(evaluation(2.5, 0.4, 24.0), held_out)
+    assert summary["lead_over_mean_frame"] == 2.5 and summary["recon_psnr"] == 24.0
+    assert summary["memorisation_gap_db"] == pytest.approx(2.0)
+    assert summary["memorisation_gap_db_se"] == pytest.approx(0.5)
+    text = "\n".join(_training_windows_section({**held_out, "training_windows": summary}))
+    assert "| reconstruction PSNR (dB) | 22.00 ± 0.10 | 24.00 ± 0.10 |" in text
+    assert "2.00 ± 0.50 dB: the model predicts its training episodes better" in text
+    alike = training_window_summary(evaluation(0.6, 0.3, 22.1), held_out)
+    assert "no sign of memorising" in "\n".join(_training_windows_section({**held_out, "training_windows": alike}))
+    assert training_window_summary(evaluation(0.6, 0.3, 22.1)).get("memorisation_gap_db") is None
+    assert _training_windows_section(held_out) == []
 
 
 def test_component_responsibilities_and_gallery(tmp_path):
