@@ -43,7 +43,8 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--learning-rate": ("learning_rate", float, "peak AdamW learning rate"),
     "--aggregator": ("aggregator", str, "multi-task gradient aggregation: rgb | sum | pcgrad"),
     "--likelihood": ("likelihood", str, "pixel likelihood: mdl (logistic mixture) | gaussian"),
-    "--episodes": ("train_episodes", int, "training episodes to collect when the dataset is missing"),
+    "--episodes": ("train_episodes", int, "training episodes of the dataset (collected when missing; a folder "
+                   "holding fewer is extended)"),
     "--eval-episodes": ("eval_episodes", int, "held-out episodes to collect when the dataset is missing"),
     "--episode-length": ("episode_length", int, "agent steps per collected episode"),
     "--policy": ("policy", str, "behaviour policy for collection: random | ou | sine"),

@@ -80,7 +80,7 @@ def _training_windows_section(e: Mapping[str, Any]) -> list[str]:
              _pm(t, "action_shuffle_ratio_mean", ".3f"))]
     lines = ["## Training windows against held-out windows", "",
              (f"The same protocol on {t.get('num_windows')} windows of the training split "
-              f"({t.get('num_episodes')} episodes). A model that learned the dynamics scores alike on both; one "
+              f"(from {t.get('num_episodes')} of its episodes). A model that learned the dynamics scores alike on both; one "
               "that replays its training episodes leads the mean frame by far more on them."), "",
              "| figure | held-out windows | training windows |", "|---|---:|---:|"]
     lines += [f"| {name} | {held} | {train} |" for name, held, train in rows]
