@@ -9,7 +9,9 @@ real trainer step (``DMCVBTrainer.train_step``: four tasks, the aggregator, disc
 the same wall-clock budget (``--minutes``) or the same number of steps (``--steps``). It is then scored by
 ``VRNN.evaluation.evaluate`` (the evaluation that ``make demo`` reports: three input-ignoring baselines,
 moving-pixel PSNR, the controls, standard errors) on episodes of a policy it never saw (per-joint sines,
-other seeds): the EMA weights, temperature 0. Results go to ``<out>/<config>/eval.json`` and one
+other seeds): the EMA weights, temperature 0, and by the same protocol on windows of its OU training episodes
+(eval.json's ``training_windows``; the summary's ``memorisation_gap_db``, which here also holds the change of
+policy). Results go to ``<out>/<config>/eval.json`` and one
 ``<out>/summary.json``, and a table is printed; ``--plot`` draws PSNR against the horizon for every
 configuration beside the baselines and an open-loop grid of each.
 
@@ -134,12 +136,17 @@ def train_one(config: AIMEConfig, train, validation, run_dir: Path, minutes: flo
 
 def score(trainer, config: AIMEConfig, train, test, out_dir: Path, plot: bool) -> dict[str, Any]:
     """``evaluate`` on the EMA weights, with the mean training frame; writes eval.json (and plots)."""
-    from VRNN.evaluation import evaluate, load_or_compute_mean_frame, make_evaluation_plots
     from VRNN.dmc_vb_transition_dynamics_trainer import write_json_atomic
+    from VRNN.evaluation import evaluate, load_or_compute_mean_frame, make_evaluation_plots, training_window_summary
 
     mean_frame = load_or_compute_mean_frame(out_dir.parent / "mean_frame.npy", train)
     result = evaluate(trainer.model, test, config, ema=trainer.ema.module, progress=False, mean_frame=mean_frame,
                       split="test (sine policy)")
+    windows = trainer.training_windows()
+    if windows is not None:  # the same protocol on training windows (OU policy): learned or replayed?
+        on_train = evaluate(trainer.model, windows, config, ema=trainer.ema.module, progress=False,
+                            mean_frame=mean_frame, split="train")
+        result["training_windows"] = training_window_summary(on_train, result)
     write_json_atomic(out_dir / "eval.json", result)
     if plot:
         batch = next(iter(torch.utils.data.DataLoader(test, batch_size=min(4, len(test)), shuffle=False)))
@@ -184,6 +191,10 @@ def summary_row(name: str, timing: dict[str, Any], result: dict[str, Any]) -> di
             row[key] = float(result[key])
     for base, gap in (result.get("gaps") or {}).items():
         row[f"beats_{base}_from"] = gap.get("beats_from")
+    # Lead over the mean frame on training windows minus on the test windows (here another policy's, so
+    # it also holds the policy shift): docs/EVALUATION.md.
+    if _get(result, "training_windows", "memorisation_gap_db", default=None) is not None:
+        row["memorisation_gap_db"] = float(result["training_windows"]["memorisation_gap_db"])
     return row
 
 
