@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -54,6 +55,14 @@ def frames_of(split: Path, limit: int) -> torch.Tensor:
     data = DMCVBDataset(split, sequence_length=1)
     step = max(1, len(data) // limit)
     return torch.cat([data[i]["observations"] for i in range(0, len(data), step)][:limit])
+
+
+def write_curve(path: Path, record: dict) -> None:
+    """``record`` as JSON at ``path``, written to a temporary name and renamed (never half written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -147,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
                           "test_psnr": psnr(recon, test)})
             print(f"step {step:6d}  {curve[-1]['seconds']:7.1f} s  test PSNR {curve[-1]['test_psnr']:.2f} dB "
                   f"(mean frame {baseline:.2f})", flush=True)
+            if args.out:  # after every evaluation, so that an interrupted run keeps its curve
+                write_curve(args.out / "curve.json", {"config": overrides, "code_dim": code_dim,
+                                                      "batch": args.batch, "window": args.window,
+                                                      "mean_frame_psnr": baseline, "curve": curve})
         if done:
             break
         if windows is None:
@@ -164,10 +177,6 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.eval_every == 0 and not math.isfinite(loss.item()):
             raise SystemExit(f"the loss became {loss.item()} at step {step}; try a lower learning rate")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "curve.json").write_text(json.dumps({"config": overrides, "code_dim": code_dim,
-                                                         "batch": args.batch, "window": args.window,
-                                                         "mean_frame_psnr": baseline, "curve": curve}, indent=2))
         pick = torch.linspace(0, len(test) - 1, 8).long()
         save_picture(args.out / "reconstruction.png", test[pick], recon[pick],
                      f"{args.data_dir.name}: autoencoder after {step} steps, {curve[-1]['test_psnr']:.1f} dB")
