@@ -445,7 +445,8 @@ class DMCVBTrainer:
             raise ValueError(f"split must be 'validation', 'test' or 'train', got {split!r}")
         result: dict[str, Any] = {}
         if self.dist.is_main:
-            data = {"validation": self.eval_data, "test": self.test_data}.get(split) or self.training_windows()
+            data = self.training_windows() if split == "train" else (
+                self.eval_data if split == "validation" else self.test_data)
             last = self.last_evaluation or {}
             if (split == "test" and self.test_data is self.eval_data and last.get("step") == self.step
                     and last.get("split") == "validation"):
@@ -473,11 +474,10 @@ class DMCVBTrainer:
         built on first use from ``train_data.path``; None when the training data has no such path or its
         episodes are shorter than one evaluation window."""
         if self._training_windows is None and getattr(self.train_data, "path", None) is not None:
-            from VRNN.evaluation import eval_sequence_length
+            from VRNN.run_setup import load_eval_dataset
 
             try:
-                self._training_windows = DMCVBDataset(self.train_data.path, eval_sequence_length(self.config),
-                                                      scale="float", augment=False, seed=self.config.seed)
+                self._training_windows = load_eval_dataset(self.config, self.train_data.path)
             except ValueError as exc:  # episodes shorter than T0 + F: no training-window evaluation
                 logger.info("no evaluation on training windows: %s", exc)
                 self._training_windows = False

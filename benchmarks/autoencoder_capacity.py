@@ -19,9 +19,7 @@ and their reconstructions to ``--out``. Nothing is asserted: it prints measureme
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from torch import nn
 
 from VRNN.aime_config import PRESETS, AIMEConfig, parse_overrides
 from VRNN.dmc_dataset import DMCVBDataset
+from VRNN.dmc_vb_transition_dynamics_trainer import write_json_atomic
 from VRNN.nvae import NVAEDecoder, NVAEEncoder
 
 
@@ -55,14 +54,6 @@ def frames_of(split: Path, limit: int) -> torch.Tensor:
     data = DMCVBDataset(split, sequence_length=1)
     step = max(1, len(data) // limit)
     return torch.cat([data[i]["observations"] for i in range(0, len(data), step)][:limit])
-
-
-def write_curve(path: Path, record: dict) -> None:
-    """``record`` as JSON at ``path``, written to a temporary name and renamed (never half written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,9 +148,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"step {step:6d}  {curve[-1]['seconds']:7.1f} s  test PSNR {curve[-1]['test_psnr']:.2f} dB "
                   f"(mean frame {baseline:.2f})", flush=True)
             if args.out:  # after every evaluation, so that an interrupted run keeps its curve
-                write_curve(args.out / "curve.json", {"config": overrides, "code_dim": code_dim,
-                                                      "batch": args.batch, "window": args.window,
-                                                      "mean_frame_psnr": baseline, "curve": curve})
+                args.out.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(args.out / "curve.json", {"config": overrides, "code_dim": code_dim,
+                                                            "batch": args.batch, "window": args.window,
+                                                            "mean_frame_psnr": baseline, "curve": curve})
         if done:
             break
         if windows is None:
