@@ -210,3 +210,22 @@ def test_gaussian_log_scale_gradient_matches_the_exact_path():
         lik.channel_log_probs(means, x, exact=exact).sum().backward()
         grads.append(lik.log_scale.grad.clone())
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-2), grads
+
+
+def test_gaussian_cpu_path_is_the_same_for_channels_last_inputs():
+    """The CPU path writes its edge and tail corrections into flat storage: means and frames in channels-last
+    memory give the same values and gradients as contiguous ones (edge bins and far residuals included)."""
+    g = torch.Generator().manual_seed(5)
+    x = quantize(torch.rand(2, 3, 8, 8, generator=g) * 2 - 1)
+    x[:, :, 0] = -1.0
+    x[:, :, 1] = 1.0
+    means = x + 0.02 * torch.linspace(-20, 20, 8).view(1, 1, 1, 8)
+    lik = DiscretizedGaussian()
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        m = means.contiguous(memory_format=fmt).requires_grad_()
+        lp = lik.channel_log_probs(m, x.contiguous(memory_format=fmt))
+        (grad,) = torch.autograd.grad(lp.sum(), m)
+        results.append((lp.detach().contiguous(), grad.contiguous()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
