@@ -154,6 +154,10 @@ class AIMEConfig:
     # attention schema through them (the teacher-forced ELBO and the attention task still do); the rollout
     # then keeps no graph of its per-step attention convolutions (docs/MODEL_CHANGES.md 19).
     overshoot_attention_grad: bool = True
+    # False: the open-loop part trains the prior, the LSTM and the filtered context through the decoder, but
+    # not the decoder's weights nor the likelihood's scale, which learn from the teacher-forced
+    # reconstruction alone (the decoder no longer spends its capacity on the blurred means of imagined frames).
+    overshoot_decoder_grad: bool = True
 
     # ----------------------------------------------------------------------------------------------
     # Loss weights (MODEL.md section 3); each is applied exactly once

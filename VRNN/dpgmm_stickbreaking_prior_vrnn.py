@@ -444,14 +444,22 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
         """The overshooting term: -log p(x_t | open-loop state) in nats per frame [B, T - start] for the
         frames after ``start`` observed ones, imagined from extras["state_at"] at temperature 0 with the
         true actions (as the evaluation imagines), gradients through the rollout, the prior's means, the
-        LSTM and the decoder into the filtered context. Frames at or after an episode start inside the
-        rollout (is_first) count 0."""
+        LSTM and the decoder into the filtered context (with ``overshoot_decoder_grad`` False the decoder's
+        weights and the likelihood's scale get no gradient from this term). Frames at or after an episode
+        start inside the rollout (is_first) count 0."""
         b, t = x.shape[:2]
         roll = self._rollout(extras["state_at"], actions[:, start:].float(), 0.0, None,
                              detach_attention_inputs=True, attention_grad=self.config.overshoot_attention_grad)
         dec_in = torch.cat([roll["latents"], roll["hidden_states"]], -1).flatten(0, 1).to(x.dtype)
-        params = self.decoder(dec_in, roll["attention_prior_maps"].flatten(0, 1).to(x.dtype)).float()
-        nats = -self.likelihood.log_prob(params, x[:, start:].flatten(0, 1)).view(b, t - start)
+        maps = roll["attention_prior_maps"].flatten(0, 1).to(x.dtype)
+        train_decoder = self.config.overshoot_decoder_grad
+        if train_decoder:
+            params = self.decoder(dec_in, maps).float()
+        else:   # gradients reach the rollout through the decoder, not the decoder's weights
+            weights = {name: p.detach() for name, p in self.decoder.named_parameters()}
+            params = torch.func.functional_call(self.decoder, weights, (dec_in, maps), strict=False).float()
+        nats = -self.likelihood.log_prob(params, x[:, start:].flatten(0, 1),
+                                         detach_scale=not train_decoder).view(b, t - start)
         is_first = extras["is_first"]
         if is_first is not None:
             nats = nats * (is_first[:, start:].long().cumsum(1) == 0).to(nats.dtype)

@@ -482,7 +482,11 @@ def test_overshooting_imagines_the_rest_of_the_window_from_the_context_alone(mon
     model = _model(3, overshoot_weight=0.5, overshoot_context=3).eval()   # eval: the VQ codebook stays put
     decoded: list[torch.Tensor] = []
     real = model.likelihood.log_prob
-    monkeypatch.setattr(model.likelihood, "log_prob", lambda p, x: (decoded.append(p.detach().clone()), real(p, x))[1])
+    def recording(p, x, detach_scale=False):
+        decoded.append(p.detach().clone())
+        return real(p, x, detach_scale)
+
+    monkeypatch.setattr(model.likelihood, "log_prob", recording)
 
     def run(frames):
         decoded.clear()
@@ -525,6 +529,31 @@ def test_overshoot_attention_grad_off_keeps_the_loss_and_trains_no_attention_thr
         reached = lambda module: any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters())
         assert reached(model.cell.prior) and reached(model.cell.lstm) and reached(model.decoder)
         assert reached(model.cell.attention.prior_in) == grad
+
+
+def test_overshoot_decoder_grad_off_keeps_the_loss_and_trains_the_rollout_not_the_decoder():
+    """overshoot_decoder_grad=False: the open-loop term has the same value and its gradient still reaches the
+    prior and the LSTM through the decoder, but not the decoder's weights nor the likelihood's scale; the
+    teacher-forced reconstruction still trains both."""
+    obs, actions = _batch(5, b=2, t=6)
+    models = {}
+    for grad in (True, False):
+        torch.manual_seed(0)
+        models[grad] = _model(3, overshoot_weight=0.5, overshoot_context=3,
+                              overshoot_decoder_grad=grad).eval()
+    losses = {g: m.compute_total_loss(obs, actions, generator=torch.Generator().manual_seed(0))[0]
+              for g, m in models.items()}
+    torch.testing.assert_close(losses[True]["open_loop_recon"], losses[False]["open_loop_recon"])
+    reached = lambda params: any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+    for grad, model in models.items():
+        model.zero_grad()
+        losses[grad]["open_loop_recon"].backward(retain_graph=True)
+        assert reached(model.cell.prior.parameters()) and reached(model.cell.lstm.parameters())
+        assert reached(model.decoder.parameters()) == grad
+        assert reached(model.likelihood.parameters()) == grad
+        model.zero_grad()
+        losses[grad]["recon_loss"].backward()
+        assert reached(model.decoder.parameters()) and reached(model.likelihood.parameters())
 
 
 def test_decoder_inference_path_equals_the_training_path():
