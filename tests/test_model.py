@@ -510,50 +510,51 @@ def test_overshooting_imagines_the_rest_of_the_window_from_the_context_alone(mon
         assert grads and any(bool(g.abs().sum() > 0) for g in grads), name
 
 
+def _overshoot_pair(switch: str) -> dict[bool, tuple[DPGMMVariationalRecurrentAutoencoder, dict]]:
+    """The same overshooting model (smoke preset, 3 of 6 frames observed) with config field ``switch`` True
+    and False: {value: (model in eval mode, its losses on one batch)}."""
+    obs, actions = _batch(5, b=2, t=6)
+    pair = {}
+    for value in (True, False):
+        torch.manual_seed(0)
+        model = _model(3, overshoot_weight=0.5, overshoot_context=3, **{switch: value}).eval()
+        pair[value] = model, model.compute_total_loss(obs, actions, generator=torch.Generator().manual_seed(0))[0]
+    return pair
+
+
+def _reached(params) -> bool:
+    """Whether any of ``params`` has a non-zero gradient."""
+    return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+
+
 def test_overshoot_attention_grad_off_keeps_the_loss_and_trains_no_attention_through_the_rollout():
     """overshoot_attention_grad=False (docs/MODEL_CHANGES.md 19): the open-loop term has the same value, its
     gradient still reaches the prior, the LSTM and the decoder, but not the attention schema (with it on,
     the attention prior's convolutions are trained through the rollout's maps)."""
-    obs, actions = _batch(5, b=2, t=6)
-    models = {}
-    for grad in (True, False):
-        torch.manual_seed(0)
-        models[grad] = _model(3, overshoot_weight=0.5, overshoot_context=3,
-                              overshoot_attention_grad=grad).eval()
-    losses = {g: m.compute_total_loss(obs, actions, generator=torch.Generator().manual_seed(0))[0]
-              for g, m in models.items()}
-    torch.testing.assert_close(losses[True]["open_loop_recon"], losses[False]["open_loop_recon"])
-    for grad, model in models.items():
+    pair = _overshoot_pair("overshoot_attention_grad")
+    torch.testing.assert_close(pair[True][1]["open_loop_recon"], pair[False][1]["open_loop_recon"])
+    for grad, (model, losses) in pair.items():
         model.zero_grad()
-        losses[grad]["open_loop_recon"].backward()
-        reached = lambda module: any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters())
-        assert reached(model.cell.prior) and reached(model.cell.lstm) and reached(model.decoder)
-        assert reached(model.cell.attention.prior_in) == grad
+        losses["open_loop_recon"].backward()
+        assert all(_reached(m.parameters()) for m in (model.cell.prior, model.cell.lstm, model.decoder))
+        assert _reached(model.cell.attention.prior_in.parameters()) == grad
 
 
 def test_overshoot_decoder_grad_off_keeps_the_loss_and_trains_the_rollout_not_the_decoder():
     """overshoot_decoder_grad=False: the open-loop term has the same value and its gradient still reaches the
     prior and the LSTM through the decoder, but not the decoder's weights nor the likelihood's scale; the
     teacher-forced reconstruction still trains both."""
-    obs, actions = _batch(5, b=2, t=6)
-    models = {}
-    for grad in (True, False):
-        torch.manual_seed(0)
-        models[grad] = _model(3, overshoot_weight=0.5, overshoot_context=3,
-                              overshoot_decoder_grad=grad).eval()
-    losses = {g: m.compute_total_loss(obs, actions, generator=torch.Generator().manual_seed(0))[0]
-              for g, m in models.items()}
-    torch.testing.assert_close(losses[True]["open_loop_recon"], losses[False]["open_loop_recon"])
-    reached = lambda params: any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
-    for grad, model in models.items():
+    pair = _overshoot_pair("overshoot_decoder_grad")
+    torch.testing.assert_close(pair[True][1]["open_loop_recon"], pair[False][1]["open_loop_recon"])
+    for grad, (model, losses) in pair.items():
         model.zero_grad()
-        losses[grad]["open_loop_recon"].backward(retain_graph=True)
-        assert reached(model.cell.prior.parameters()) and reached(model.cell.lstm.parameters())
-        assert reached(model.decoder.parameters()) == grad
-        assert reached(model.likelihood.parameters()) == grad
+        losses["open_loop_recon"].backward(retain_graph=True)
+        assert _reached(model.cell.prior.parameters()) and _reached(model.cell.lstm.parameters())
+        assert _reached(model.decoder.parameters()) == grad
+        assert _reached(model.likelihood.parameters()) == grad
         model.zero_grad()
-        losses[grad]["recon_loss"].backward()
-        assert reached(model.decoder.parameters()) and reached(model.likelihood.parameters())
+        losses["recon_loss"].backward()
+        assert _reached(model.decoder.parameters()) and _reached(model.likelihood.parameters())
 
 
 def test_decoder_inference_path_equals_the_training_path():
