@@ -103,14 +103,12 @@ class _GaussianBinLogMass(torch.autograd.Function):
         # (``lo_only``), Phi = 0 at the infinite lo (``hi_only``). Rare in frames, so fixed by index.
         bottom = (x < -_EDGE).flatten().nonzero().squeeze(1)
         top = (x > _EDGE).flatten().nonzero().squeeze(1)
-        edge = torch.cat([bottom, top])
-        if edge.numel():
-            u, lo_ = upper.flatten()[edge], lower.flatten()[edge]
-            flip = (u + lo_) > 0
-            is_top = torch.arange(edge.numel(), device=edge.device) >= bottom.numel()
-            lo_only = flip != is_top            # bottom & flipped, or top & not flipped
-            e_hi.view(-1)[edge[lo_only]] = 2.0
-            e_lo.view(-1)[edge[~lo_only]] = 0.0
+        for edge, is_top in ((bottom, False), (top, True)):
+            if edge.numel():
+                flip = (upper.flatten()[edge] + lower.flatten()[edge]) > 0
+                lo_only = flip != is_top        # bottom & flipped, or top & not flipped
+                e_hi.view(-1)[edge[lo_only]] = 2.0
+                e_lo.view(-1)[edge[~lo_only]] = 0.0
         out = e_hi.sub_(e_lo).mul_(0.5).clamp_min_(1e-30).log_()
         # Bins whose near side lies more than _TAIL scales off the mean: log_ndtr on those alone (e_hi was
         # 2 Phi(hi) < 2 Phi(-_TAIL) there; lo_only bins were set to 2 and never qualify).
