@@ -363,8 +363,8 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # The sizes of the public keyword defaults; one GPU.
     "paper": {},
-    # Two CPU cores, visible progress within half an hour: 8 windows of 16 frames per step (about 0.6 s on two
-    # idle cores, benchmarks/run_all.py), so a 25-minute demo makes about 2200 steps. Windows of 16, not 8: the
+    # Two CPU cores, visible progress within half an hour: 16 windows of 16 frames per step (0.6-0.7 s on two
+    # idle cores, benchmarks/run_all.py), so a 25-minute demo makes about 2300 steps. Windows of 16, not 8: the
     # evaluation imagines up to position 20 (5 observed + 15), and a model trained on windows of 8 never ran its
     # LSTM past position 8 (benchmarks/quality.py, cheetah-run, 10 min on one core each, same 40 sine-policy
     # test windows: open-loop PSNR at +8 / +15 24.66 / 24.35 dB for 2 x 16 against 23.94 / 24.00 for 4 x 8,
@@ -380,7 +380,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         perceiver_elbo_gradient=False,
         perceiver_self_attn_layers=1, perceiver_temporal_layers=1, perceiver_max_seq_len=32,
         num_slots=3, slot_dim=32, img_disc_layers=1, disc_num_heads=2,
-        disc_channels=16, kl_samples=4, alpha_samples=2, batch_size=8, learning_rate=5e-4,
+        disc_channels=16, kl_samples=4, alpha_samples=2,
+        # 16 windows per step at learning rate 1e-3 (8 at 5e-4 until docs/MODEL_CHANGES.md 22), with the cosine
+        # to max_steps 3000 (4000): the step costs 1.6x for 2x the frames, and at the larger rate fewer,
+        # larger steps learn more per minute. 25-minute cheetah-run demo: 2275 steps, +1..+8 30.28 against
+        # 29.38 dB, recon 32.4 against 31.6; 16 windows at 5e-4 alone: 1995 steps, 29.25 dB.
+        batch_size=16, learning_rate=1e-3,
         # bf16 autocast and no Gram anchoring (its EMA-encoder pass): 23 % more steps in the same minutes and
         # the same open-loop PSNR (benchmarks/quality.py, cheetah-run, 10 min on one core each: 863 vs 702
         # steps, +1..+8 25.85 vs 25.79 dB, recon 28.3 vs 27.5 dB; docs/MODEL_CHANGES.md section 11).
@@ -398,7 +403,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 31.0 dB, +1..+8 28.5 against 28.4 dB, action shuffle 2.72 against 2.60 at +8.
         residual_cell_max_side=0, decoder_upsample="transposed", perceiver_features="encoder",
         attention_features="encoder", posterior_side_inputs=False, perceiver_recon_every=16,
-        # 8 windows per step (4 until MODEL_CHANGES 18) and the Perceiver's next-token loss from every 4th
+        # 8 windows per step (4 until MODEL_CHANGES 18, 16 since 22) and the Perceiver's next-token loss from every 4th
         # position: 25-minute cheetah-run demo 2221 steps of 8 x 16 against 2969 of 4 x 16, +1..+8 28.76
         # against 28.60 dB, +15 27.0 against 26.8, recon 31.3 against 31.2 (docs/MODEL_CHANGES.md 18).
         perceiver_predict_every=4,
@@ -411,7 +416,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # (256): 0.82 of the step (docs/MODEL_CHANGES.md 20), the Perceiver having been 36 % of it while its
         # next-token accuracy equalled copying; validation at equal steps the same to 0.05 dB.
         perceiver_downsample=8,
-        warmup_steps=100, beta_warmup_steps=300, adversarial_warmup_steps=500, max_steps=4000,
+        warmup_steps=100, beta_warmup_steps=300, adversarial_warmup_steps=500, max_steps=3000,
         # 200 training episodes (40,000 frames; about 2.5 minutes to collect on two cores) instead of 20: with
         # 20 the model replayed its training episodes, leading the mean frame by 2.4 dB over +8..+15 on
         # training windows and by 0.06 dB on test windows (walker-walk, 25-minute run); with 200 that
