@@ -714,14 +714,18 @@ class DPGMMVariationalRecurrentAutoencoder(nn.Module):
     def _inference(self, inference_mode: bool = False) -> Iterator[None]:
         """Eval mode and no autograd for the duration, then the previous mode back. ``inference_mode``:
         ``torch.inference_mode`` instead of ``no_grad`` (less per-operation overhead; tensors made inside
-        are inference tensors, so the caller returns copies)."""
+        are inference tensors, so the caller returns copies). A model already wholly in eval mode is not
+        switched: ``train``/``eval`` set a flag on each of its ~250 modules, a tenth of a batch-1 rollout."""
         was_training = self.training
-        self.eval()
+        switch = any(module.training for module in self.modules())
+        if switch:
+            self.eval()
         try:
             with torch.inference_mode() if inference_mode else torch.no_grad():
                 yield
         finally:
-            self.train(was_training)
+            if switch:
+                self.train(was_training)
 
     def encode(self, observations: Any, actions: Any, generator: torch.Generator | None = None) -> Tensor:
         """Posterior means z_t [B, T, D] of a window, filtering with the means (deterministic; no decoder)."""

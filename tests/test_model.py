@@ -381,6 +381,26 @@ def test_imagination_reads_only_the_recurrent_state(model, monkeypatch):
     assert calls == [2]  # the context once, never the imagined frames
 
 
+def test_imagination_runs_every_module_in_eval_mode_and_restores_the_mode():
+    """generate_future_sequence runs in eval mode and leaves the model's mode as it found it: a training
+    model trains again afterwards; a model in eval mode with one submodule left training (which the rollout
+    skips switching only when nothing is training) still imagines with that submodule in eval mode."""
+    model = _model()
+    obs, actions = _batch(11, t=3)
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda module, _inputs: seen.append(module.training))
+    future = torch.zeros(B, 2, A)
+    model.train()
+    model.generate_future_sequence(obs[:, :2], actions[:, :2], future, temperature=0.0)
+    assert seen == [False] and all(m.training for m in model.modules())
+    model.eval()
+    model.decoder.train()
+    model.generate_future_sequence(obs[:, :2], actions[:, :2], future, temperature=0.0)
+    assert seen == [False, False] and not any(m.training for m in model.modules())
+    model.generate_future_sequence(obs[:, :2], actions[:, :2], future, temperature=0.0)
+    assert seen == [False, False, False] and not any(m.training for m in model.modules())
+
+
 def test_imagination_returns_ordinary_tensors_and_the_decoder_the_same_values_without_autograd(model):
     """generate_future_sequence runs under torch.inference_mode but returns ordinary tensors (usable in
     autograd and in place); the decoder's channels-last path without autograd gives the values of the
