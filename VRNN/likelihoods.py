@@ -114,12 +114,8 @@ class _GaussianBinLogMass(torch.autograd.Function):
         # 2 Phi(hi) < 2 Phi(-_TAIL) there; lo_only bins were set to 2 and never qualify).
         index = (out < _TAIL_LOG_MASS).flatten().nonzero().squeeze(1)
         if index.numel():
-            u, lo_ = upper.flatten()[index], lower.flatten()[index]
-            hi_t, lo_t = torch.minimum(u, -lo_), torch.minimum(lo_, -u)
-            xi = x.flatten()[index]
-            hi_only = (xi < -_EDGE) | (xi > _EDGE)   # an edge bin here is never lo_only (see above)
-            far = _exact_log_mass(hi_t, lo_t, hi_only, torch.zeros_like(hi_only))
-            out.view(-1)[index] = far
+            bins = _reflected_bins(upper.flatten()[index], lower.flatten()[index], x.flatten()[index])
+            out.view(-1)[index] = _exact_log_mass(*bins)
         ctx.save_for_backward(upper, lower, out, inv_s, bottom, top)
         return out
 
