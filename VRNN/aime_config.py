@@ -108,6 +108,10 @@ class AIMEConfig:
     attention_resolution: int = 16       # R, attention maps are R x R
     num_slots: int = 4                   # S
     slot_iterations: int = 3
+    # Slot attention's keys relative to their mean over the R*R positions. Without it one slot took every
+    # position (slot logits ~30 apart against ~1 between positions) and the fused map was exactly uniform
+    # (docs/MODEL_CHANGES.md).
+    slot_center_keys: bool = False
     slot_dim: int = 64
     # What the bottom-up attention reads: "frames", its own convolutional feature pyramid over the frame
     # (MODEL.md), or "encoder", 1x1 projections of the NVAE encoder's stage maps (detached), which saves
@@ -412,6 +416,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # step (paired in one process); 25-minute cheetah-run demo 2748 steps against 2334, +1..+8 28.84 against
         # 28.75 dB, recon 31.31 against 31.22 (the maps were uniform at both resolutions).
         attention_resolution=8, overshoot_attention_grad=False,
+        # Slot attention's keys centred over positions (docs/MODEL_CHANGES.md 23): one slot had taken every
+        # position and the fused map was exactly uniform; centred, the slots split the frame (the feet, the
+        # rest), and validation at step 500 is the same (cheetah-run: recon 30.17 / +1..+15 27.56 dB against
+        # 30.19 / 27.55).
+        slot_center_keys=True,
         # The Perceiver tokenizes the encoder's 8 x 8 map (64 tokens per frame) instead of its 16 x 16 map
         # (256): 0.82 of the step (docs/MODEL_CHANGES.md 20), the Perceiver having been 36 % of it while its
         # next-token accuracy equalled copying; validation at equal steps the same to 0.05 dB.

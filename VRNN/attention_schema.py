@@ -206,15 +206,19 @@ class SlotAttention(nn.Module):
     """Slot attention (Locatello et al. 2020, Algorithm 1) from given initial slots.
 
     ``forward(inputs [B, N, F], slots [B, S, F]) -> (slots [B, S, F], attn [B, S, N])`` where ``attn`` is
-    the last round's attention, a softmax over the S slots (columns sum to 1).
+    the last round's attention, a softmax over the S slots (columns sum to 1). ``center_keys``: subtract
+    from every key its mean over the N positions, so the logits only see what differs between positions
+    (a departure from Locatello et al.; docs/MODEL_CHANGES.md 23).
     """
 
-    def __init__(self, dim: int, iterations: int, hidden: int | None = None, eps: float = 1e-8):
+    def __init__(self, dim: int, iterations: int, hidden: int | None = None, eps: float = 1e-8,
+                 center_keys: bool = False):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"slot attention iterations={iterations} is invalid: expected at least 1")
         self.iterations = iterations
         self.eps = eps
+        self.center_keys = center_keys
         self.scale = dim ** -0.5
         self.norm_inputs = nn.LayerNorm(dim)
         self.norm_slots = nn.LayerNorm(dim)
@@ -229,6 +233,10 @@ class SlotAttention(nn.Module):
         b, s, d = slots.shape
         x = self.norm_inputs(inputs)
         k, v = self.to_k(x), self.to_v(x)
+        if self.center_keys:
+            # Keys relative to their mean over positions: a slot's logits then sum to 0 over positions, so
+            # no slot can win every position through the component all positions share.
+            k = k - k.mean(dim=1, keepdim=True)
         attn = None
         for _ in range(self.iterations):
             previous = slots
@@ -263,13 +271,15 @@ class AttentionSchema(nn.Module):
         encoder_widths: channel counts of the world model's encoder maps. Given, the posterior reads
             those maps (``encode_encoder_maps``, an ``EncoderMapFeatures``) instead of running its own
             feature pyramid over the frame (config: ``attention_features="encoder"``).
+        center_keys: centre slot attention's keys over positions (config ``slot_center_keys``).
     """
 
     def __init__(self, hidden_dim: int, context_dim: int, latent_dim: int, attention_dim: int,
                  resolution: int = 16, num_slots: int = 4, slot_dim: int = 64, iterations: int = 3,
                  image_size: int = 64, feature_channels: int | None = None,
                  prior_channels: int | None = None, max_motion: float = 2.0,
-                 slot_reconstruction: bool = False, encoder_widths: tuple[int, ...] | None = None):
+                 slot_reconstruction: bool = False, encoder_widths: tuple[int, ...] | None = None,
+                 center_keys: bool = False):
         super().__init__()
         sizes = {"hidden_dim": hidden_dim, "context_dim": context_dim, "latent_dim": latent_dim,
                  "attention_dim": attention_dim, "num_slots": num_slots, "slot_dim": slot_dim}
@@ -294,7 +304,7 @@ class AttentionSchema(nn.Module):
         # A learned per-slot offset breaks the symmetry between slots that random initial slots break in
         # Locatello et al.; the seed MLP then moves the slots with the recurrent state.
         self.slot_embedding = nn.Parameter(torch.randn(num_slots, slot_dim))
-        self.slot_attention = SlotAttention(slot_dim, iterations)
+        self.slot_attention = SlotAttention(slot_dim, iterations, center_keys=center_keys)
         self.fusion_head = _MLP(slot_dim, slot_dim, 1)
         self.state_head = nn.Sequential(nn.Linear(slot_dim + 2, 2 * attention_dim), nn.SiLU(),
                                         nn.Linear(2 * attention_dim, attention_dim))
@@ -330,7 +340,8 @@ class AttentionSchema(nn.Module):
                   "resolution": config.attention_resolution, "num_slots": config.num_slots,
                   "slot_dim": config.slot_dim, "iterations": config.slot_iterations,
                   "image_size": config.image_size,
-                  "slot_reconstruction": config.lambda_slot_recon > 0}
+                  "slot_reconstruction": config.lambda_slot_recon > 0,
+                  "center_keys": config.slot_center_keys}
         if getattr(config, "attention_features", "frames") == "encoder" and "encoder_widths" not in overrides:
             raise ValueError("attention_features='encoder' needs encoder_widths=(the encoder's stage widths)")
         return cls(**{**kwargs, **overrides})

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from VRNN.attention_schema import AttentionSchema, center_of_mass, upsample_map
+from VRNN.attention_schema import AttentionSchema, SlotAttention, center_of_mass, upsample_map
 
 H, C, D, A = 12, 6, 4, 8
 
@@ -293,6 +293,37 @@ def test_from_config(preset):
     assert post["state"].shape == (1, cfg.attention_dim)
     prior = m.prior_step(post["map"], torch.zeros(1, cfg.hidden_dim), torch.zeros(1, cfg.latent_dim))
     assert prior["map"].shape == (1, r, r)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_centred_keys_stop_one_slot_taking_every_position(center):
+    """Features that share one large direction at every position (as the trained encoder's maps did): the slot
+    aligned with it wins every position unless the keys are centred over positions, when the slots split the
+    positions by what differs between them."""
+    torch.manual_seed(0)
+    sa = SlotAttention(8, iterations=1, center_keys=center)
+    with torch.no_grad():
+        sa.to_q.weight.copy_(3 * torch.eye(8))
+        sa.to_k.weight.copy_(3 * torch.eye(8))
+    g = torch.Generator().manual_seed(1)
+    shared = torch.zeros(8)
+    shared[0] = 1.0
+    feats = 3 * shared + 0.5 * torch.randn(1, 64, 8, generator=g)
+    slots = torch.stack([shared, -shared]).unsqueeze(0) + 0.1 * torch.randn(1, 2, 8, generator=g)
+    _, attn = sa(feats, slots)                                    # [1, 2 slots, 64 positions]
+    share = attn[0].mean(dim=-1)
+    if center:
+        assert 0.3 < share[0] < 0.7 and attn[0, 0].std() > 0.2
+    else:
+        assert attn[0, 0].min() > 0.999                           # slot 0 holds every position
+
+
+def test_centred_keys_from_config():
+    from VRNN.aime_config import AIMEConfig
+
+    assert AIMEConfig.preset("cpu").slot_center_keys and not AIMEConfig().slot_center_keys
+    cfg = AIMEConfig.preset("smoke", slot_center_keys=True)
+    assert AttentionSchema.from_config(cfg).slot_attention.center_keys
 
 
 def test_rows_are_independent():
