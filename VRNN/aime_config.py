@@ -417,8 +417,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 28.75 dB, recon 31.31 against 31.22 (the maps were uniform at both resolutions).
         attention_resolution=8, overshoot_attention_grad=False,
         # Slot attention's keys centred over positions (docs/MODEL_CHANGES.md 23): one slot had taken every
-        # position and the fused map was exactly uniform; centred, the slots split the frame (the feet, the
-        # rest), and the figures are the same (cheetah-run 25-minute demo: +1..+8 30.26 against 30.28 dB, recon
+        # position and the fused map was exactly uniform; centred, the slots split the frame (cheetah: the sky, the
+        # legs, the rest), and the figures are the same (cheetah-run 25-minute demo: +1..+8 30.26 against 30.28 dB, recon
         # 32.42 against 32.40; fused-map entropy 3.72 against exactly ln 64 = 4.159).
         slot_center_keys=True,
         # The Perceiver tokenizes the encoder's 8 x 8 map (64 tokens per frame) instead of its 16 x 16 map
