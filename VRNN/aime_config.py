@@ -407,8 +407,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 31.0 dB, +1..+8 28.5 against 28.4 dB, action shuffle 2.72 against 2.60 at +8.
         residual_cell_max_side=0, decoder_upsample="transposed", perceiver_features="encoder",
         attention_features="encoder", posterior_side_inputs=False, perceiver_recon_every=16,
-        # 8 windows per step (4 until MODEL_CHANGES 18, 16 since 22) and the Perceiver's next-token loss from every 4th
-        # position: 25-minute cheetah-run demo 2221 steps of 8 x 16 against 2969 of 4 x 16, +1..+8 28.76
+        # 8 windows per step (4 until MODEL_CHANGES 18, 16 since 22) and the Perceiver's next-token loss from
+        # every 4th position: 25-minute cheetah-run demo 2221 steps of 8 x 16 against 2969 of 4 x 16, +1..+8 28.76
         # against 28.60 dB, +15 27.0 against 26.8, recon 31.3 against 31.2 (docs/MODEL_CHANGES.md 18).
         perceiver_predict_every=4,
         # Attention maps of 8 x 8 (16 x 16 before) and an overshooting rollout that reads the attention
@@ -417,9 +417,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 28.75 dB, recon 31.31 against 31.22 (the maps were uniform at both resolutions).
         attention_resolution=8, overshoot_attention_grad=False,
         # Slot attention's keys centred over positions (docs/MODEL_CHANGES.md 23): one slot had taken every
-        # position and the fused map was exactly uniform; centred, the slots split the frame (cheetah: the sky, the
-        # legs, the rest), and the figures are the same (cheetah-run 25-minute demo: +1..+8 30.26 against 30.28 dB, recon
-        # 32.42 against 32.40; fused-map entropy 3.72 against exactly ln 64 = 4.159).
+        # position and the fused map was exactly uniform; centred, the slots split the frame (cheetah: the sky,
+        # the legs, the rest), and the figures are the same (cheetah-run 25-minute demo: +1..+8 30.26 against
+        # 30.28 dB, recon 32.42 against 32.40; fused-map entropy 3.72 against exactly ln 64 = 4.159).
         slot_center_keys=True,
         # The Perceiver tokenizes the encoder's 8 x 8 map (64 tokens per frame) instead of its 16 x 16 map
         # (256): 0.82 of the step (docs/MODEL_CHANGES.md 20), the Perceiver having been 36 % of it while its
